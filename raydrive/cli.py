@@ -1,0 +1,109 @@
+"""`raydrive synth | prepare | eval`: one console script for the data plane."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from raydrive.data.infos import DataError
+
+
+def _synth(args) -> int:
+    from raydrive.data.synth import SynthConfig, synthesize
+
+    out = synthesize(SynthConfig(out=args.out, scenes=args.scenes, samples_per_scene=args.samples_per_scene,
+                                 seed=args.seed, image_width=args.width, image_height=args.height))  # fmt: skip
+    print(f"synthetic nuScenes v1.0-mini written to {out}")
+    return 0
+
+
+def _prepare(args) -> int:
+    from raydrive.data.prepare import PrepareConfig, prepare
+
+    if args.dataroot is None and args.from_pkl is None:
+        from raydrive.data.default import ensure_default_data
+
+        dataroot, prepared = ensure_default_data()
+        print(f"embedded default: synthetic nuScenes at {dataroot}, prepared at {prepared}")
+        if args.out is None and not args.pkl_format:
+            _summary(json.loads((prepared / "manifest.json").read_text()), prepared)
+            return 0
+        args.dataroot = str(dataroot)
+    out = args.out or str(Path(args.dataroot or ".") / "raydrive-prepared")
+    manifest = prepare(PrepareConfig(out=out, dataroot=args.dataroot, version=args.version, from_pkl=args.from_pkl,
+                                     split=args.split, pkl_formats=args.pkl_format or [],
+                                     depth_gt=not args.no_depth_gt, anchors=not args.no_anchors))  # fmt: skip
+    _summary(manifest, Path(out).resolve())
+    return 0
+
+
+def _summary(manifest: dict, out: Path) -> None:
+    for split, info in manifest["splits"].items():
+        print(f"{split:>6}: {info['frames']} frames, {info['scenes']} scenes, {info['boxes']} boxes")
+    if "depth_gt" in manifest:
+        print(f"depth gt: {manifest['depth_gt']['files']} files")
+    if "anchors" in manifest:
+        print(f"anchors: {manifest['anchors']['path']} {tuple(manifest['anchors']['shape'])}")
+    for p in manifest.get("pkl", []):
+        print(f"pkl ({p['format']}): {p['path']}")
+    print(f"manifest: {out / 'manifest.json'}")
+
+
+def _eval(args) -> int:
+    from raydrive.eval.detection import evaluate_file, format_table
+
+    metrics = evaluate_file(args.results, args.dataroot, args.version, args.eval_set, args.output_dir)
+    print(format_table(metrics))
+    if args.output_dir:
+        (Path(args.output_dir) / "raydrive_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raydrive", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic nuScenes v1.0-mini tree")
+    s.add_argument("out")
+    s.add_argument("--scenes", type=int, default=10)
+    s.add_argument("--samples-per-scene", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--width", type=int, default=1600)
+    s.add_argument("--height", type=int, default=900)
+    s.set_defaults(func=_synth)
+
+    s = sub.add_parser("prepare", help="nuScenes tree or upstream info pkl -> parquet, depth GT, anchors",
+                       description="With neither --dataroot nor --from-pkl: prepare the embedded synthetic default.")
+    s.add_argument("--dataroot", help="nuScenes tree (with --from-pkl: the prefix to strip from its paths)")
+    s.add_argument("--version", default="v1.0-mini", choices=["v1.0-mini", "v1.0-trainval", "v1.0-test"])
+    s.add_argument("--out", help="output folder (default: DATAROOT/raydrive-prepared)")
+    s.add_argument("--from-pkl", help="read an upstream info pkl (Sparse4D, StreamPETR or BEVDepth layout)")
+    s.add_argument("--split", choices=["train", "val", "test"], help="with --from-pkl: the split it holds")
+    s.add_argument("--pkl-format", action="append", choices=["sparse4d", "streampetr", "bevdepth"],
+                   help="also write the upstream pkl layout (repeatable)")
+    s.add_argument("--no-depth-gt", action="store_true", help="skip the depth ground truth")
+    s.add_argument("--no-anchors", action="store_true", help="skip the k-means anchors")
+    s.set_defaults(func=_prepare)
+
+    s = sub.add_parser("eval", help="score a nuScenes detection submission with the devkit")
+    s.add_argument("--dataroot", required=True)
+    s.add_argument("--version", default="v1.0-mini")
+    s.add_argument("--results", required=True, help="results_nusc.json")
+    s.add_argument("--eval-set", help="devkit split (default: the version's val split)")
+    s.add_argument("--output-dir")
+    s.set_defaults(func=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DataError as e:
+        print(f"raydrive {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
