@@ -177,7 +177,7 @@ def load_frames(batch: dict[str, np.ndarray], cfg: LoaderConfig) -> dict[str, np
         bev = draw_bev_aug(cfg.aug, rng_geo)
         bev_inv = np.linalg.inv(bev)
         ida = np.eye(4)
-        ida[:2, :2], ida[:2, 3] = ida_matrix(img_aug)[:2, :2], ida_matrix(img_aug)[:2, 2]
+        ida[:3, :3] = ida_matrix(img_aug)  # acts on (u z, v z, z): the pixel shift multiplies z
         imgs, projs, focals, depth_rows = [], [], [], []
         for c in range(NUM_CAMS):
             path = resolve_path(cfg.dataroot, str(batch["cam_data_path"][i][c]))
@@ -203,7 +203,7 @@ def load_frames(batch: dict[str, np.ndarray], cfg: LoaderConfig) -> dict[str, np
             focals.append(img_aug.resize[0] * batch["cam_intrinsic"][i][c][0, 0])
             if cfg.depth_dir is not None:
                 uvd = read_depth_gt(depth_file(Path(cfg.depth_dir), str(batch["cam_data_path"][i][c])))
-                uv = uvd[:, :2] @ ida[:2, :2].T + ida[:2, 3]
+                uv = uvd[:, :2] @ ida[:2, :2].T + ida[:2, 2]
                 keep = (uv[:, 0] >= 0) & (uv[:, 0] < fw) & (uv[:, 1] >= 0) & (uv[:, 1] < fh)
                 depth_rows.append(np.concatenate([np.full((keep.sum(), 1), c), uv[keep], uvd[keep, 2:3]], 1))
         l2g = geo.transform(batch["ego2global_rotation"][i], batch["ego2global_translation"][i]) @ geo.transform(

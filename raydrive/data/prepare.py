@@ -32,7 +32,7 @@ ANCHOR_FILE = "anchors/nuscenes_kmeans900.npy"
 @dataclass
 class PrepareConfig:
     out: str
-    dataroot: str | None = None
+    dataroot: str | None = None  # with from_pkl: where its relative paths live, a prefix to strip
     version: str = "v1.0-mini"
     from_pkl: str | None = None
     split: str | None = None  # with --from-pkl: which split the pkl holds (default: from its name)
@@ -43,8 +43,8 @@ class PrepareConfig:
     show_progress: bool = True
 
     def __post_init__(self):
-        if (self.dataroot is None) == (self.from_pkl is None):
-            raise DataError("give exactly one of --dataroot (a nuScenes tree) or --from-pkl (an upstream info pkl)")
+        if self.dataroot is None and self.from_pkl is None:
+            raise DataError("give --dataroot (a nuScenes tree) or --from-pkl (an upstream info pkl)")
         for fmt in self.pkl_formats:
             if fmt not in FORMATS:
                 raise DataError(f"unknown --pkl-format {fmt!r}; choose from {list(FORMATS)}")

@@ -205,8 +205,9 @@ class _Scene:
     def _random_object(self, rng, cls, i, times) -> _Object:
         k = rng.integers(len(times))
         ego_xyz, ego_yaw = self.ego(times[k])
-        fwd = rng.uniform(-32, 32)
-        side = rng.choice([-1, 1]) * rng.uniform(3.5, 22.0)
+        near = i < len(CLASSES)  # one object of each class close by, so every class is seen in every scene
+        fwd = rng.uniform(-18, 18) if near else rng.uniform(-32, 32)
+        side = rng.choice([-1, 1]) * (rng.uniform(3.5, 12.0) if near else rng.uniform(3.5, 22.0))
         c, s = math.cos(ego_yaw), math.sin(ego_yaw)
         anchor = ego_xyz[:2] + fwd * np.array([c, s]) + side * np.array([-s, c])
         wlh = np.array(CLASS_SIZE_WLH[cls]) * rng.uniform(0.9, 1.1, size=3)

@@ -1,0 +1,56 @@
+"""Shared fixtures: one small synthetic tree, prepared once, and one local Ray per test session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+
+SMALL = dict(scenes=3, samples_per_scene=6, image_width=800, image_height=450, objects_per_scene=20, seed=3)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    from raydrive.data.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("nusc")
+    synthesize(SynthConfig(out=str(root), show_progress=False, **SMALL))
+    return root
+
+
+@pytest.fixture(scope="session")
+def nusc(synth_root):
+    from nuscenes.nuscenes import NuScenes
+
+    return NuScenes(version="v1.0-mini", dataroot=str(synth_root), verbose=False)
+
+
+@pytest.fixture(scope="session")
+def prepared(synth_root, tmp_path_factory):
+    from raydrive.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(PrepareConfig(out=str(out), dataroot=str(synth_root), show_progress=False,
+                          pkl_formats=["sparse4d", "streampetr", "bevdepth"]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def records(prepared):
+    from raydrive.data.parquet import read_split, table_to_records
+
+    return {split: table_to_records(read_split(prepared / "infos" / split)) for split in ("train", "val")}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
