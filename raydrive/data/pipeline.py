@@ -154,6 +154,23 @@ class FramePipeline:
             yield out
 
 
+def arrow_to_numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """An arrow table as the numpy batch Ray Data would hand to `load_frames` (for non-Ray loaders)."""
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if isinstance(col.type, pa.FixedShapeTensorType):
+            out[name] = col.to_numpy_ndarray()
+        elif pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type):
+            obj = np.empty(len(col), dtype=object)
+            obj[:] = [np.array(v, dtype=object if pa.types.is_string(col.type.value_type) else None)
+                      for v in col.to_pylist()]  # fmt: skip
+            out[name] = obj
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return out
+
+
 def _stack_ragged(values, inner: tuple[int, ...], dtype) -> np.ndarray:
     arr = np.array([np.asarray(v, dtype=dtype) for v in values], dtype=dtype) if len(values) else np.zeros(0, dtype)
     return arr.reshape(-1, *inner) if inner else arr.reshape(-1)
