@@ -17,16 +17,20 @@ import time
 import numpy as np
 
 
-def run_ray(pipe, args) -> tuple[float, float, int]:
+def _time_batches(batches) -> tuple[float, float, int]:
+    """(seconds to the first batch, samples/s after it, samples) for an iterable of batches."""
     t0 = time.perf_counter()
-    first, n = None, 0
-    for batch in pipe.batches(epoch=0, rank=0, world_size=1):
+    first, n, n_first = None, 0, 0
+    for batch in batches:
         n += len(batch["token"])
         if first is None:
-            first = time.perf_counter()
-            n_first = n
+            first, n_first = time.perf_counter(), n
     end = time.perf_counter()
     return first - t0, (n - n_first) / max(end - first, 1e-9), n
+
+
+def run_ray(pipe, args) -> tuple[float, float, int]:
+    return _time_batches(pipe.batches(epoch=0, rank=0, world_size=1))
 
 
 class _PlannedFrames:
@@ -65,15 +69,7 @@ def run_dataloader(pipe, args) -> tuple[float, float, int]:
     rows = pipe.rows(epoch=0, rank=0, world_size=1)
     loader = DataLoader(_PlannedFrames(rows, pipe.loader_cfg), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.workers, collate_fn=_collate, prefetch_factor=2, persistent_workers=False)  # fmt: skip
-    t0 = time.perf_counter()
-    first, n = None, 0
-    for batch in loader:
-        n += len(batch["token"])
-        if first is None:
-            first = time.perf_counter()
-            n_first = n
-    end = time.perf_counter()
-    return first - t0, (n - n_first) / max(end - first, 1e-9), n
+    return _time_batches(loader)
 
 
 def main() -> None:
