@@ -1,0 +1,1 @@
+"""The models in plain PyTorch, plus shared parts (backbones, necks)."""

@@ -1,0 +1,66 @@
+"""Sparse4D v3: the full preset is the upstream model key for key; the small one trains and decodes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydrive.models.sparse4d.model import PRESETS, Sparse4D, Sparse4DConfig
+
+KEYS = Path(__file__).resolve().parents[1].parent / "shared" / "specs" / "keys" / "sparse4d_v3_r50.txt"
+
+
+def upstream_keys() -> dict[str, tuple]:
+    out = {}
+    for line in KEYS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, shape = line.split(" ", 1)
+            out[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+    return out
+
+
+def test_full_preset_counts_upstream_parameters_and_loads_upstream_state_dict_strictly():
+    model = Sparse4D(Sparse4DConfig())
+    assert sum(p.numel() for p in model.parameters()) == 48_156_232
+    keys = upstream_keys()
+    assert len(keys) == 819
+    g = torch.Generator().manual_seed(0)
+    upstream = {k: (torch.randint(0, 5, s, generator=g) if k.endswith("num_batches_tracked")
+                    else torch.randn(s, generator=g)) for k, s in keys.items()}  # fmt: skip
+    result = model.load_state_dict(upstream, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(model.head.layers[38].cls_layers[6].bias, upstream["head.layers.38.cls_layers.6.bias"])
+
+
+def _batch(cfg: Sparse4DConfig, t: float, seq_start: bool, bs: int = 1) -> dict:
+    h, w = cfg.image_hw
+    proj = torch.eye(4).repeat(bs, 6, 1, 1)
+    proj[..., 0, 0] = proj[..., 1, 1] = 100.0
+    proj[..., 0, 2], proj[..., 1, 2] = w / 2, h / 2
+    return {
+        "img": torch.randn(bs, 6, 3, h, w), "projection_mat": proj, "image_wh": torch.tensor([w, h]).repeat(bs, 6, 1).float(),
+        "focal": torch.full((bs, 6), 100.0), "T_global": torch.eye(4, dtype=torch.float64).repeat(bs, 1, 1),
+        "T_global_inv": torch.eye(4, dtype=torch.float64).repeat(bs, 1, 1), "timestamp": torch.full((bs,), t, dtype=torch.float64),
+        "seq_start": torch.full((bs,), seq_start), "gt_boxes": [torch.tensor([[10.0, 1.0, 0.0, 4.0, 2.0, 1.5, 0.3, 1.0, 0.0]])] * bs,
+        "gt_labels": [torch.tensor([0])] * bs, "depth": [torch.tensor([[0, 10.0, 10.0, 12.0]])] * bs,
+    }  # fmt: skip
+
+
+def test_small_preset_trains_caches_and_resets_on_sequence_start():
+    torch.manual_seed(0)
+    cfg = Sparse4DConfig(**PRESETS["small"])
+    model = Sparse4D(cfg, np.random.default_rng(0).normal(size=(900, 11)).astype(np.float32))
+    losses = model.forward_train(_batch(cfg, 0.0, True))
+    assert all(torch.isfinite(v) for v in losses.values()) and "loss_dense_depth" in losses and "loss_cls_dn_0" in losses
+    sum(losses.values()).backward()
+    assert model.head.instance_bank.anchor.grad.abs().sum() > 0
+    bank = model.head.instance_bank
+    assert bank.cached_anchor.shape == (1, cfg.num_temp_instances, 11)
+    model.forward_train(_batch(cfg, 0.5, False))
+    assert bank.mask.tolist() == [True]  # same sequence: temporal instances used
+    model.forward_train(_batch(cfg, 1.0, True))
+    assert bank.mask.tolist() == [False]  # the lane says a new sequence starts: cache ignored
+    model.eval()
+    out = model.forward_test(_batch(cfg, 1.5, False))
+    assert out[0]["boxes"].shape == (cfg.decode_top_k, 9) and (out[0]["scores"][:-1] >= out[0]["scores"][1:]).all()
