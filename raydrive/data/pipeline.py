@@ -119,22 +119,37 @@ class FramePipeline:
 
     def rows(self, epoch: int, rank: int, world_size: int, start_step: int = 0) -> pa.Table:
         """This worker's info rows in consumption order, with the plan's columns appended."""
-        plan_rows = self.plan(epoch, world_size).rows(rank, start_step)
-        rows = self.table.take(pa.array(plan_rows["frame"]))
+        return self._with_plan(self.plan(epoch, world_size).rows(rank, start_step), epoch)
+
+    def eval_rows(self, rank: int, world_size: int) -> pa.Table:
+        """Every frame exactly once for evaluation: scene k goes to rank k % world_size, frames in time
+        order, one slot, a sequence start on each scene's first frame."""
+        frames = [c for k, c in enumerate(scene_chunks(self.table.column("scene_token").to_pylist(),
+                                                       self.table.column("timestamp").to_numpy(), 1))
+                  if k % world_size == rank]  # fmt: skip
+        idx = np.concatenate(frames) if frames else np.zeros(0, dtype=np.int64)
+        starts = np.concatenate([np.arange(len(c)) == 0 for c in frames]) if frames else np.zeros(0, dtype=bool)
+        plan_rows = {"frame": idx, "seq_start": starts, "seq_id": np.cumsum(starts), "aug_seed": np.zeros(len(idx), np.int64),
+                     "step": np.arange(len(idx)), "slot": np.zeros(len(idx), np.int64)}  # fmt: skip
+        return self._with_plan(plan_rows, epoch=0)
+
+    def _with_plan(self, plan_rows: dict[str, np.ndarray], epoch: int) -> pa.Table:
+        rows = self.table.take(pa.array(plan_rows["frame"], type=pa.int64()))
         for name, values in plan_rows.items():
-            rows = rows.append_column(name, pa.array(values))
+            rows = rows.append_column(name, pa.array(np.asarray(values)))
         return rows.append_column("epoch", pa.array(np.full(len(plan_rows["frame"]), epoch, dtype=np.int64)))
 
     def dataset(self, epoch: int, rank: int, world_size: int, start_step: int = 0):
         """A Ray Dataset of this worker's augmented frames, one block per step, order preserved."""
+        return self._dataset(self.rows(epoch, rank, world_size, start_step), self.cfg.batch_size)
+
+    def _dataset(self, rows: pa.Table, batch_size: int):
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        rows = self.rows(epoch, rank, world_size, start_step)
-        b = self.cfg.batch_size
-        blocks = [rows.slice(i, b) for i in range(0, rows.num_rows, b)]
-        ds = ray.data.from_arrow(blocks)
+        blocks = [rows.slice(i, batch_size) for i in range(0, rows.num_rows, batch_size)]
+        ds = ray.data.from_arrow(blocks) if blocks else ray.data.from_arrow(rows)
         return ds.map_batches(
             load_frames,
             batch_size=None,
@@ -145,13 +160,20 @@ class FramePipeline:
 
     def batches(self, epoch: int, rank: int, world_size: int, start_step: int = 0) -> Iterator[dict]:
         """Collated torch batches for one worker and epoch, in step order."""
-        ds = self.dataset(epoch, rank, world_size, start_step)
+        yield from self._iterate(self.dataset(epoch, rank, world_size, start_step), self.cfg.batch_size, start_step)
+
+    def eval_batches(self, rank: int, world_size: int) -> Iterator[dict]:
+        """Batches of one frame for evaluation (see `eval_rows`)."""
+        rows = self.eval_rows(rank, world_size)
+        if rows.num_rows:
+            yield from self._iterate(self._dataset(rows, 1), 1, 0)
+
+    def _iterate(self, ds, batch_size: int, start_step: int) -> Iterator[dict]:
         expected = start_step
-        for batch in ds.iter_batches(batch_size=self.cfg.batch_size, batch_format="numpy",
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy",
                                      prefetch_batches=self.cfg.prefetch_batches):  # fmt: skip
-            out = collate(batch, expected_step=expected)
+            yield collate(batch, expected_step=expected)
             expected += 1
-            yield out
 
 
 def arrow_to_numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:

@@ -7,10 +7,10 @@ rule), which the devkit's `DetectionEval` scores.
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import json
-import sys
 import math
 import os
 import tempfile
@@ -92,9 +92,24 @@ def evaluate_file(results_path: str | os.PathLike, dataroot: str, version: str, 
     output_dir = output_dir or tempfile.mkdtemp(prefix="raydrive-eval-")
     evaluator = DetectionEval(nusc, config=config_factory("detection_cvpr_2019"), result_path=str(results_path),
                               eval_set=eval_set, output_dir=output_dir, verbose=verbose)  # fmt: skip
-    with contextlib.redirect_stdout(sys.stdout if verbose else io.StringIO()):  # the devkit prints its own table
+    with _quiet(not verbose):  # the devkit prints its own table
         summary = evaluator.main(plot_examples=0, render_curves=False)
     return flatten_summary(summary)
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Silence prints; Ray Train workers patch builtins.print, so redirecting stdout is not enough."""
+    if not enabled:
+        yield
+        return
+    original = builtins.print
+    builtins.print = lambda *a, **k: None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        builtins.print = original
 
 
 def evaluate(predictions: dict[str, dict], records: list[dict], dataroot: str, version: str, split: str = "val",

@@ -126,6 +126,28 @@ class Sparse4D(nn.Module):
             losses["loss_dense_depth"] = self.depth_branch.loss(depths, gt)
         return losses
 
+    def temporal_state(self) -> dict:
+        """The instance bank's cache (per batch slot), so that a resumed run continues exactly."""
+        bank = self.head.instance_bank
+        if bank.cached_anchor is None:
+            return {}
+        return {"feature": bank.cached_feature.cpu(), "anchor": bank.cached_anchor.cpu(),
+                "confidence": bank.confidence.cpu(), "timestamp": bank.cached_metas["timestamp"].cpu(),
+                "T_global": bank.cached_metas["T_global"].cpu()}  # fmt: skip
+
+    def load_temporal_state(self, state: dict) -> None:
+        bank = self.head.instance_bank
+        bank.reset()
+        if state:
+            device = bank.anchor.device
+            bank.cached_feature, bank.cached_anchor = state["feature"].to(device), state["anchor"].to(device)
+            bank.confidence = state["confidence"].to(device)
+            bank.cached_metas = {"timestamp": state["timestamp"].to(device), "T_global": state["T_global"].to(device)}
+
+    def forward(self, batch: dict):
+        """Train mode: loss terms; eval mode: decoded boxes (one entry per frame)."""
+        return self.forward_train(batch) if self.training else self.forward_test(batch)
+
     @torch.no_grad()
     def forward_test(self, batch: dict) -> list[dict]:
         device = next(self.parameters()).device

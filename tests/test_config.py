@@ -1,0 +1,51 @@
+"""Config resolution: presets, flags, typed key=value overrides, clear errors for bad keys."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from raydrive.config import ConfigError
+from raydrive.train import build_parser, resolve_config
+
+
+def cfg_for(*argv):
+    return resolve_config(build_parser().parse_intermixed_args(["sparse4d", *argv]))
+
+
+def test_presets_and_flags():
+    small = cfg_for()
+    assert small.preset == "small" and small.model.embed_dims == 64
+    full = cfg_for("--dataroot", "/data/nuscenes")
+    assert full.preset == "full" and full.model.num_anchor == 900 and full.run.batch_size == 6
+    assert full.optim.lr_mults == {"img_backbone": 0.5} and full.data.skip_prob == 0.5
+    flagged = cfg_for("--num-workers", "4", "--batch-size", "3", "--name", "r1", "--no-eval", "--precision", "bf16")
+    assert (flagged.run.num_workers, flagged.run.batch_size, flagged.run.name, flagged.run.evaluate) == (4, 3, "r1", False)
+
+
+def test_overrides_are_typed():
+    cfg = cfg_for("optim.lr=3e-4", "model.num_anchor=120", "data.bev_rot=(-0.1,0.1)", "run.max_steps=none",
+                  "data.photometric=false", "optim.lr_mults={img_backbone: 0.1}")  # fmt: skip
+    assert cfg.optim.lr == 3e-4 and cfg.model.num_anchor == 120 and cfg.data.bev_rot == (-0.1, 0.1)
+    assert cfg.run.max_steps is None and cfg.data.photometric is False and cfg.optim.lr_mults == {"img_backbone": 0.1}
+    assert yaml.safe_load(cfg.to_yaml())["optim"]["lr"] == 3e-4
+
+
+def test_unknown_key_lists_close_matches():
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'; did you mean optim.lr"):
+        cfg_for("optim.lrr=1")
+    with pytest.raises(ConfigError, match="did you mean model.num_anchor"):
+        cfg_for("num_anchor=3")
+    with pytest.raises(ConfigError, match="expects int"):
+        cfg_for("run.epochs=two")
+    with pytest.raises(ConfigError, match="must be smaller than num_anchor"):
+        cfg_for("model.num_temp_instances=5000")
+    with pytest.raises(ConfigError, match="not key=value"):
+        cfg_for("optim.lr")
+
+
+def test_public_api():
+    import raydrive
+
+    assert "sparse4d" in raydrive.list_models()
+    model = raydrive.build_model("sparse4d", preset="small", num_anchor=64, num_temp_instances=32)
+    assert model.head.instance_bank.anchor.shape == (64, 11)
