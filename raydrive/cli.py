@@ -1,4 +1,4 @@
-"""`raydrive synth | prepare | eval`: one console script for the data plane."""
+"""`raydrive synth | prepare | train | eval`: one console script."""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +53,14 @@ def _summary(manifest: dict, out: Path) -> None:
 def _eval(args) -> int:
     from raydrive.eval.detection import evaluate_file, format_table
 
-    metrics = evaluate_file(args.results, args.dataroot, args.version, args.eval_set, args.output_dir)
+    if args.checkpoint:
+        from raydrive.train import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(args.checkpoint, args.prepared, args.dataroot)["eval_metrics"]
+    elif args.results and args.dataroot:
+        metrics = evaluate_file(args.results, args.dataroot, args.version, args.eval_set, args.output_dir)
+    else:
+        raise DataError("give --checkpoint CKPT (with a model name), or --dataroot D and --results FILE")
     print(format_table(metrics))
     if args.output_dir:
         (Path(args.output_dir) / "raydrive_metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -86,10 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-anchors", action="store_true", help="skip the k-means anchors")
     s.set_defaults(func=_prepare)
 
-    s = sub.add_parser("eval", help="score a nuScenes detection submission with the devkit")
-    s.add_argument("--dataroot", required=True)
+    s = sub.add_parser("train", help="train a model on Ray (same as python -m raydrive.train)", add_help=False)
+    s.set_defaults(func=None)
+
+    s = sub.add_parser("eval", help="score a checkpoint, or a nuScenes detection submission, with the devkit")
+    s.add_argument("model", nargs="?", help="with --checkpoint: the model (e.g. sparse4d)")
+    s.add_argument("--checkpoint", help="a raydrive checkpoint directory: decode the val split and score it")
+    s.add_argument("--prepared", help="with --checkpoint: prepared data (default: the run's)")
+    s.add_argument("--dataroot")
     s.add_argument("--version", default="v1.0-mini")
-    s.add_argument("--results", required=True, help="results_nusc.json")
+    s.add_argument("--results", help="results_nusc.json")
     s.add_argument("--eval-set", help="devkit split (default: the version's val split)")
     s.add_argument("--output-dir")
     s.set_defaults(func=_eval)
@@ -97,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":
+        from raydrive.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -37,6 +37,7 @@ class RunSection:
     benchmark_steps: int = 20
     benchmark_warmup: int = 3  # steps excluded from the mean step time
     evaluate: bool = True  # decode the val split after training and score it with the devkit
+    evaluate_before: bool = False  # also score the untrained model first (shows that the run learns)
     load_from: str | None = None  # upstream or raydrive checkpoint with the model's weights
 
 
@@ -145,8 +146,11 @@ def _convert(text: str, typ, key: str):
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply `section.key=value` strings in order, converting to the field's type."""
+    """Apply `section.key=value` strings, converting to each field's type. A section's own checks run
+    once with all of its overrides applied (fields may depend on each other)."""
     known = all_keys(cfg)
+    changes: dict[str, dict[str, Any]] = {}
+    given: dict[str, list[str]] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (for example optim.lr=3e-4)")
@@ -158,11 +162,12 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             hint = f"; did you mean {', '.join(close)}?" if close else "; see the resolved config printed at start-up"
             raise ConfigError(f"unknown config key {key!r}{hint}")
         section_name, name = key.split(".", 1)
-        section = getattr(cfg, section_name)
-        hints = typing.get_type_hints(type(section))
-        value = _convert(text.strip(), hints[name], key)
+        hints = typing.get_type_hints(type(getattr(cfg, section_name)))
+        changes.setdefault(section_name, {})[name] = _convert(text.strip(), hints[name], key)
+        given.setdefault(section_name, []).append(item)
+    for section_name, values in changes.items():
         try:
-            setattr(cfg, section_name, dataclasses.replace(section, **{name: value}))
+            setattr(cfg, section_name, dataclasses.replace(getattr(cfg, section_name), **values))
         except ValueError as e:  # the section's own checks (e.g. the model config's __post_init__)
-            raise ConfigError(f"{key}={text.strip()}: {e}") from None
+            raise ConfigError(f"{' '.join(given[section_name])}: {e}") from None
     return cfg

@@ -168,7 +168,9 @@ def report(cfg: TrainConfig, result) -> None:
         from raydrive.eval.detection import format_table
 
         print("\n" + format_table(m["eval_metrics"]))
-        print(f"\n[raydrive] val mAP {m['mAP']:.4f}  NDS {m['NDS']:.4f}")
+        if m.get("mAP_before") is not None:
+            print(f"\n[raydrive] val before training: mAP {m['mAP_before']:.4f}  NDS {m['NDS_before']:.4f}")
+        print(f"[raydrive] val after training:  mAP {m['mAP']:.4f}  NDS {m['NDS']:.4f}")
     if result.checkpoint is not None:
         print(f"[raydrive] checkpoint: {result.checkpoint.path}")
 
@@ -191,3 +193,30 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def evaluate_checkpoint(checkpoint: str, prepared: str | None = None, dataroot: str | None = None) -> dict:
+    """Score a raydrive checkpoint on the val split in this process (Ray Data runs on a local Ray)."""
+    import json
+
+    import torch
+
+    from raydrive import accel
+    from raydrive.engine import checkpoint as ckpt
+    from raydrive.engine.loop import build_model, config_from_dict, evaluate_on_workers
+    from raydrive.trainers import get_spec
+
+    path = Path(checkpoint)
+    meta_file = path / ckpt.META_FILE
+    if not meta_file.is_file():
+        raise ConfigError(f"{path} is not a raydrive checkpoint directory (no {ckpt.META_FILE})")
+    cfg = config_from_dict(json.loads(meta_file.read_text())["config"])
+    cfg.run = dataclasses.replace(cfg.run, load_from=str(path))
+    if prepared or dataroot:
+        cfg.data = dataclasses.replace(cfg.data, prepared=prepared or cfg.data.prepared, dataroot=dataroot or cfg.data.dataroot)
+    spec = get_spec(cfg.model_name)
+    connect_ray()
+    kind = accel.local_kind()
+    device = torch.device("cuda" if kind == "cuda" else "cpu")
+    model = build_model(cfg, spec, device)
+    return evaluate_on_workers(model, cfg, spec, 0, 1, None)

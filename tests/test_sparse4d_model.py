@@ -20,7 +20,7 @@ def upstream_keys() -> dict[str, tuple]:
     return out
 
 
-def test_full_preset_counts_upstream_parameters_and_loads_upstream_state_dict_strictly():
+def test_full_preset_counts_upstream_parameters_and_loads_upstream_state_dict_strictly(tmp_path):
     model = Sparse4D(Sparse4DConfig())
     assert sum(p.numel() for p in model.parameters()) == 48_156_232
     keys = upstream_keys()
@@ -31,6 +31,13 @@ def test_full_preset_counts_upstream_parameters_and_loads_upstream_state_dict_st
     result = model.load_state_dict(upstream, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     torch.testing.assert_close(model.head.layers[38].cls_layers[6].bias, upstream["head.layers.38.cls_layers.6.bias"])
+    # the same through --load-from's loader, from an mmcv-style checkpoint file
+    from raydrive.engine.checkpoint import load_weights
+
+    torch.save({"meta": {"epoch": 100}, "state_dict": upstream}, tmp_path / "sparse4dv3_r50.pth")
+    fresh = Sparse4D(Sparse4DConfig())
+    fresh.load_state_dict(load_weights(tmp_path / "sparse4dv3_r50.pth"), strict=True)
+    torch.testing.assert_close(fresh.img_backbone.conv1.weight, upstream["img_backbone.conv1.weight"])
 
 
 def _batch(cfg: Sparse4DConfig, t: float, seq_start: bool, bs: int = 1) -> dict:

@@ -160,20 +160,34 @@ class FramePipeline:
 
     def batches(self, epoch: int, rank: int, world_size: int, start_step: int = 0) -> Iterator[dict]:
         """Collated torch batches for one worker and epoch, in step order."""
-        yield from self._iterate(self.dataset(epoch, rank, world_size, start_step), self.cfg.batch_size, start_step)
+        rows = self.rows(epoch, rank, world_size, start_step)
+        yield from self._iterate(self._dataset(rows, self.cfg.batch_size), self.cfg.batch_size, rows)
+
+    def stream(self, rank: int, world_size: int, epoch: int, start_step: int, num_batches: int) -> Iterator[dict]:
+        """`num_batches` batches from (epoch, step) on, crossing epoch boundaries inside one Ray Dataset
+        (a new dataset per epoch costs seconds of start-up). Each epoch still follows its own plan;
+        batches carry `epoch` and `step` (the step within the epoch)."""
+        tables, count = [], 0
+        while count < num_batches:
+            rows = self.rows(epoch, rank, world_size, start_step)
+            take = min(rows.num_rows, (num_batches - count) * self.cfg.batch_size)
+            tables.append(rows.slice(0, take))
+            count += take // self.cfg.batch_size
+            epoch, start_step = epoch + 1, 0
+        rows = pa.concat_tables(tables)
+        yield from self._iterate(self._dataset(rows, self.cfg.batch_size), self.cfg.batch_size, rows)
 
     def eval_batches(self, rank: int, world_size: int) -> Iterator[dict]:
         """Batches of one frame for evaluation (see `eval_rows`)."""
         rows = self.eval_rows(rank, world_size)
         if rows.num_rows:
-            yield from self._iterate(self._dataset(rows, 1), 1, 0)
+            yield from self._iterate(self._dataset(rows, 1), 1, rows)
 
-    def _iterate(self, ds, batch_size: int, start_step: int) -> Iterator[dict]:
-        expected = start_step
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                     prefetch_batches=self.cfg.prefetch_batches):  # fmt: skip
-            yield collate(batch, expected_step=expected)
-            expected += 1
+    def _iterate(self, ds, batch_size: int, rows: pa.Table) -> Iterator[dict]:
+        expected = rows.column("step").to_numpy()[::batch_size]
+        for i, batch in enumerate(ds.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                                  prefetch_batches=self.cfg.prefetch_batches)):  # fmt: skip
+            yield collate(batch, expected_step=int(expected[i]))
 
 
 def arrow_to_numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:

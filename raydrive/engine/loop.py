@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,13 @@ from raydrive.engine.timer import StepTimer
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def log(message: str) -> None:
+    """One line to the worker's stdout (Ray forwards it to the driver). Not print(): Ray Train V2
+    patches print into its logger as well, which would show every line twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def config_from_dict(d: dict) -> TrainConfig:
@@ -145,64 +153,65 @@ def train_loop(config: dict) -> None:
         if hasattr(model, "load_temporal_state") and rank < len(temporal) and len(temporal) == world:
             model.load_temporal_state(temporal[rank])
         if rank == 0:
-            print(f"[raydrive] resumed from step {step} (epoch {epoch}, position {in_epoch} of {steps_per_epoch})", flush=True)
+            log(f"[raydrive] resumed from step {step} (epoch {epoch}, position {in_epoch} of {steps_per_epoch})")
 
+    before: dict = {}
+    if cfg.run.evaluate_before and restored is None and not cfg.run.benchmark:
+        scored = evaluate_on_workers(model, cfg, spec, rank, world, dist)
+        before = {"mAP_before": scored.get("mAP"), "NDS_before": scored.get("NDS")} if rank == 0 else {}
+        if rank == 0:
+            log(f"[raydrive] before training: val mAP {scored['mAP']:.4f} NDS {scored['NDS']:.4f}")
     timer = StepTimer(cfg.run.batch_size, world)
     run_name = ctx.get_experiment_name()
     last_losses: dict[str, float] = {}
     history: list[dict] = []  # since the last report: step, loss, frames of this rank's batch
     stop = min(total, cfg.run.stop_at_step) if cfg.run.stop_at_step else total
     ddp.train()
-    while step < stop:
-        batches = pipeline.batches(epoch, rank, world, start_step=in_epoch)
-        for batch in batches:
-            if step >= stop:
-                break
-            timer.data_ready()
-            factor = lr_factor(step, total, cfg.optim)
-            for g in optimizer.param_groups:
-                g["lr"] = cfg.optim.lr * g["lr_mult"] * factor
-            losses = spec.losses(ddp, batch)
-            loss = sum(losses.values())
-            _check_finite(loss, losses, step, world, dist)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)  # skips the step on inf gradients
-                scaler.update(None if cfg.optim.loss_scale == "dynamic" else float(cfg.optim.loss_scale))
-            else:
-                optimizer.step()
-            step += 1
-            in_epoch += 1
-            timer.step_done()
-            last_losses = {k: float(v.detach()) for k, v in losses.items()}
-            history.append({"step": step, "loss": float(loss.detach()), "tokens": list(batch["token"])})
-            if rank == 0 and (step % cfg.run.log_every == 0 or step == total):
-                t = timer.last()
-                print(f"[raydrive] {run_name} step {step}/{total} epoch {epoch} loss {float(loss):.3f} "
-                      f"lr {cfg.optim.lr * factor:.2e} grad {float(grad_norm):.2f} step {t['step_time_s']:.2f}s "
-                      f"data {t['data_wait_fraction']:.0%} {t['samples_per_s_global']:.2f} samples/s", flush=True)  # fmt: skip
-            if not cfg.run.benchmark and (step % cfg.run.checkpoint_every == 0 or step == stop) and step < total:
-                _report(model, optimizer, scaler, step, epoch, in_epoch, steps_per_epoch, last_losses, timer, rank,
-                        world, cfg, dist, {"history": history})  # fmt: skip
-                history = []
-        if step < stop or in_epoch >= steps_per_epoch:
-            epoch, in_epoch = epoch + 1, 0
+    for batch in pipeline.stream(rank, world, epoch, in_epoch, stop - step):
+        epoch, in_epoch = int(batch["epoch"][0]), int(batch["step"][0])
+        timer.data_ready()
+        factor = lr_factor(step, total, cfg.optim)
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.optim.lr * g["lr_mult"] * factor
+        losses = spec.losses(ddp, batch)
+        loss = sum(losses.values())
+        _check_finite(loss, losses, step, world, dist)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the step on inf gradients
+            scaler.update(None if cfg.optim.loss_scale == "dynamic" else float(cfg.optim.loss_scale))
+        else:
+            optimizer.step()
+        step += 1
+        in_epoch += 1
+        timer.step_done()
+        last_losses = {k: float(v.detach()) for k, v in losses.items()}
+        history.append({"step": step, "loss": float(loss.detach()), "tokens": list(batch["token"])})
+        if rank == 0 and (step % cfg.run.log_every == 0 or step == total):
+            t = timer.last()
+            log(f"[raydrive] {run_name} step {step}/{total} epoch {epoch} loss {float(loss.detach()):.3f} "
+                f"lr {cfg.optim.lr * factor:.2e} grad {float(grad_norm):.2f} step {t['step_time_s']:.2f}s "
+                f"data {t['data_wait_fraction']:.0%} {t['samples_per_s_global']:.2f} samples/s")  # fmt: skip
+        if not cfg.run.benchmark and (step % cfg.run.checkpoint_every == 0 or step == stop) and step < total:
+            _report(model, optimizer, scaler, step, epoch, in_epoch, steps_per_epoch, last_losses, timer, rank,
+                    world, cfg, dist, {"history": history})  # fmt: skip
+            history = []
     if step < total:  # paused with run.stop_at_step: the checkpoint above is where a re-run continues
         if rank == 0:
-            print(f"[raydrive] paused at step {step} of {total}; run again with the same --name to continue", flush=True)
+            log(f"[raydrive] paused at step {step} of {total}; run again with the same --name to continue")
         return
 
     summary = timer.summary(cfg.run.benchmark_warmup) if timer.step_times else {}
     if cfg.run.benchmark:
         ray.train.report({"step": step, **summary})
         return
-    extra = {**summary, "history": history}
+    extra = {**summary, "history": history, **before}
     if cfg.run.evaluate:
         extra.update(evaluate_on_workers(model, cfg, spec, rank, world, dist))
     # the final checkpoint comes after evaluation, so the run's result carries the metrics

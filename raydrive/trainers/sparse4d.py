@@ -15,7 +15,7 @@ DEFAULTS = {
     },
     # the embedded default: learns on the synthetic set on 2 CPU cores in a few minutes
     "small": {
-        "run": {"batch_size": 2, "epochs": 6, "checkpoint_every": 30, "log_every": 5},
+        "run": {"batch_size": 2, "epochs": 30, "checkpoint_every": 100, "log_every": 5, "evaluate_before": True},
         "data": {"skip_prob": 0.0, "flip_prob": 0.0, "seq_split_num": 2},
         "optim": {"lr": 1e-3, "warmup_iters": 30, "lr_mults": {"img_backbone": 1.0}},
     },
