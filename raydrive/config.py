@@ -54,6 +54,7 @@ class DataSection:
     flip: bool = True
     with_depth: bool = True
     cpus_per_task: float = 0.5
+    max_tasks: int = 2  # decode tasks in flight per worker
     prefetch_batches: int = 2
 
 

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", choices=["auto", "npu", "cuda", "cpu"])
     p.add_argument("--backend", choices=["hccl", "nccl", "gloo"])
     p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="worker environment variable (repeatable), e.g. HCCL_CONNECT_TIMEOUT=3600; wins over defaults")
     p.add_argument("--benchmark", action="store_true", help="run a fixed number of steps and print the performance table")
     p.add_argument("--seed", type=int)
     p.add_argument("--load-from", help="weights to start from: an upstream .pth or a raydrive checkpoint")
@@ -110,7 +112,17 @@ def connect_ray():
         print(f"[raydrive] started a local Ray instance ({cpus} logical CPUs on {os.cpu_count()} cores)", flush=True)
 
 
-def run(cfg: TrainConfig):
+def parse_env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--env {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        env[key.strip()] = value
+    return env
+
+
+def run(cfg: TrainConfig, env: dict[str, str] | None = None):
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -125,7 +137,8 @@ def run(cfg: TrainConfig):
     r = cfg.run
     plan = accel.plan(ray.cluster_resources(), accelerator=r.accelerator, backend=r.backend, precision=r.precision,
                       cpus_per_worker=r.cpus_per_worker if r.cpus_per_worker is not None else
-                      (0.5 if "NPU" not in ray.cluster_resources() and "GPU" not in ray.cluster_resources() else None))  # fmt: skip
+                      (0.5 if "NPU" not in ray.cluster_resources() and "GPU" not in ray.cluster_resources() else None),
+                      env_overrides=env)  # fmt: skip
     name = r.name or f"{cfg.model_name}-{cfg.preset}" + ("-benchmark" if r.benchmark else "")
     storage = str(Path(r.storage_path or default_cache_dir() / "runs").resolve())
     cfg.run = dataclasses.replace(r, name=name, storage_path=storage)
@@ -179,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         cfg = resolve_config(args)
+        env = parse_env(args.env)
         resolve_data(cfg)
     except (ConfigError, KeyError) as e:
         print(f"raydrive train: error: {e}", file=sys.stderr)
         return 2
-    result = run(cfg)
+    result = run(cfg, env)
     report(cfg, result)
     if result.error:
         print(f"raydrive train: the run failed: {result.error}", file=sys.stderr)

@@ -5,9 +5,11 @@ Design
 1. Every worker reads the split's info table (small: a few KB per frame) with pyarrow and computes the
    epoch's lane plan (`lanes.py`). The plan is a pure function of (seed, epoch, world size, batch
    size), so all workers agree without talking, and a resumed run slices it at (epoch, step).
-2. The worker takes its own rows in plan order (step-major, slot-minor), cuts them into one arrow
-   block per step and hands them to `ray.data.from_arrow`. Per-frame work is a `map_batches` task
-   per block: JPEG decode, resize/crop/flip/rotate folded into the projection matrices, photometric
+2. The worker takes its own rows in plan order (step-major, slot-minor), cuts them into arrow
+   blocks of a few steps each and hands them to `ray.data.from_arrow`. Per-frame work is a
+   `map_batches` task per block (at most `max_tasks` in flight per worker, so that decoding does not
+   starve training on small machines; several epochs share one dataset, because Ray Data's executor
+   runs inside the training process and costs it time per block and per dataset): JPEG decode, resize/crop/flip/rotate folded into the projection matrices, photometric
    distortion, normalisation, BEV augmentation of boxes, depth points moved into the augmented
    image. These tasks are ordinary Ray tasks: on a cluster they run on any node with CPUs (the
    image paths must be visible there, as with any shared nuScenes tree).
@@ -66,6 +68,8 @@ class PipelineConfig:
     only_valid: bool = True  # drop boxes without lidar or radar points
     prefetch_batches: int = 2
     cpus_per_task: float = 1.0
+    max_tasks: int = 2  # decode tasks in flight per worker: enough to stay ahead, few enough not to starve training
+    steps_per_block: int = 4  # steps decoded per Ray Data task: fewer blocks, less executor overhead in the trainer
 
 
 @dataclass(frozen=True)
@@ -141,14 +145,15 @@ class FramePipeline:
 
     def dataset(self, epoch: int, rank: int, world_size: int, start_step: int = 0):
         """A Ray Dataset of this worker's augmented frames, one block per step, order preserved."""
-        return self._dataset(self.rows(epoch, rank, world_size, start_step), self.cfg.batch_size)
+        return self._dataset(self.rows(epoch, rank, world_size, start_step), self.block_rows)
 
-    def _dataset(self, rows: pa.Table, batch_size: int):
+    def _dataset(self, rows: pa.Table, block_rows: int):
+        """One Ray Data block (one map task) per `block_rows` rows, in order."""
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        blocks = [rows.slice(i, batch_size) for i in range(0, rows.num_rows, batch_size)]
+        blocks = [rows.slice(i, block_rows) for i in range(0, rows.num_rows, block_rows)]
         ds = ray.data.from_arrow(blocks) if blocks else ray.data.from_arrow(rows)
         return ds.map_batches(
             load_frames,
@@ -156,12 +161,17 @@ class FramePipeline:
             batch_format="numpy",
             fn_kwargs={"cfg": self.loader_cfg},
             num_cpus=self.cfg.cpus_per_task,
+            compute=ray.data.TaskPoolStrategy(size=self.cfg.max_tasks),
         )
 
     def batches(self, epoch: int, rank: int, world_size: int, start_step: int = 0) -> Iterator[dict]:
         """Collated torch batches for one worker and epoch, in step order."""
         rows = self.rows(epoch, rank, world_size, start_step)
-        yield from self._iterate(self._dataset(rows, self.cfg.batch_size), self.cfg.batch_size, rows)
+        yield from self._iterate(self._dataset(rows, self.block_rows), self.cfg.batch_size, rows)
+
+    @property
+    def block_rows(self) -> int:
+        return self.cfg.batch_size * self.cfg.steps_per_block
 
     def stream(self, rank: int, world_size: int, epoch: int, start_step: int, num_batches: int) -> Iterator[dict]:
         """`num_batches` batches from (epoch, step) on, crossing epoch boundaries inside one Ray Dataset
@@ -175,7 +185,7 @@ class FramePipeline:
             count += take // self.cfg.batch_size
             epoch, start_step = epoch + 1, 0
         rows = pa.concat_tables(tables)
-        yield from self._iterate(self._dataset(rows, self.cfg.batch_size), self.cfg.batch_size, rows)
+        yield from self._iterate(self._dataset(rows, self.block_rows), self.cfg.batch_size, rows)
 
     def eval_batches(self, rank: int, world_size: int) -> Iterator[dict]:
         """Batches of one frame for evaluation (see `eval_rows`)."""
@@ -236,11 +246,14 @@ def load_frames(batch: dict[str, np.ndarray], cfg: LoaderConfig) -> dict[str, np
             path = resolve_path(cfg.dataroot, str(batch["cam_data_path"][i][c]))
             try:
                 with Image.open(path) as im:
-                    im = im.convert("RGB")
                     if im.size != (int(widths[c]), int(heights[c])):
                         raise DataError(f"image {path} is {im.size[0]}x{im.size[1]}, its info record says "
                                         f"{int(widths[c])}x{int(heights[c])}; re-run `raydrive prepare`")  # fmt: skip
-                    pixels = np.asarray(apply_image_aug(im, img_aug))
+                    # let libjpeg decode at a reduced DCT scale that is still >= the resize target: several
+                    # times cheaper at 256x704 from 1600x900; the resize below targets absolute dimensions,
+                    # so the augmentation matrix (in original pixels) is unchanged
+                    im.draft("RGB", img_aug.resize_dims)
+                    pixels = np.asarray(apply_image_aug(im.convert("RGB"), img_aug))
             except FileNotFoundError:
                 raise DataError(f"missing image {path} (sample {batch['token'][i]}); "
                                 f"check --dataroot or the mount of the nuScenes tree on this node") from None  # fmt: skip

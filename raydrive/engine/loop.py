@@ -61,7 +61,8 @@ def build_pipeline(cfg: TrainConfig, spec, split: str, train: bool):
                        flip_prob=d.flip_prob, seed=cfg.run.seed)  # fmt: skip
     return FramePipeline(PipelineConfig(prepared=d.prepared, split=split, batch_size=cfg.run.batch_size if train else 1,
                                         lanes=lanes, aug=aug, dataroot=d.dataroot, with_depth=d.with_depth and train,
-                                        cpus_per_task=d.cpus_per_task, prefetch_batches=d.prefetch_batches))  # fmt: skip
+                                        cpus_per_task=d.cpus_per_task, prefetch_batches=d.prefetch_batches,
+                                        max_tasks=d.max_tasks))  # fmt: skip
 
 
 def build_model(cfg: TrainConfig, spec, device) -> torch.nn.Module:
