@@ -170,6 +170,8 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
 def report(cfg: TrainConfig, result) -> None:
     m = result.metrics or {}
     if cfg.run.benchmark:
+        path = Path(cfg.run.storage_path) / cfg.run.name / "benchmark.json"
+        m = json.loads(path.read_text()) if path.is_file() else m
         print("\n| model | preset | workers | global batch | mean step time (s) | FPS (samples/s) |")
         print("|---|---|---|---|---|---|")
         print(f"| {cfg.model_name} | {cfg.preset} | {cfg.run.num_workers} | {m.get('global_batch')} | "

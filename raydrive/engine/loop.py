@@ -10,6 +10,7 @@ same step, epoch and position in the epoch's lane plan.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -210,6 +211,10 @@ def train_loop(config: dict) -> None:
 
     summary = timer.summary(cfg.run.benchmark_warmup) if timer.step_times else {}
     if cfg.run.benchmark:
+        if rank == 0:  # Ray keeps only checkpointed reports in the run's result: hand the table over by file
+            out = Path(cfg.run.storage_path) / cfg.run.name / "benchmark.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"step": step, "world_size": world, **summary}, indent=2))
         ray.train.report({"step": step, **summary})
         return
     extra = {**summary, "history": history, **before}
