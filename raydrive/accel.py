@@ -89,8 +89,9 @@ def plan(cluster_resources: dict[str, float], *, accelerator: str = "auto", back
     if prec not in PRECISIONS:
         raise ValueError(f"--precision must be auto, fp32, fp16 or bf16, got {precision!r}")
     if cpus_per_worker is None:
-        # accelerator nodes: a share of the node's CPUs for data work; CPU-only: one logical CPU
-        cpus_per_worker = 8.0 if kind != "cpu" else 1.0
+        # accelerator nodes: a share of the node's CPUs for data work; CPU-only: half a logical CPU, so
+        # that Ray Data's decode tasks still get CPUs on a small machine (whole CPUs deadlock there)
+        cpus_per_worker = 8.0 if kind != "cpu" else 0.5
     resources = {"CPU": float(cpus_per_worker)}
     if kind != "cpu":
         resources[RESOURCE[kind]] = 1.0

@@ -1,4 +1,4 @@
-"""`raydrive synth | prepare | train | eval`: one console script."""
+"""`raydrive synth | prepare | train | eval | doctor`: one console script."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,12 @@ def _eval(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from raydrive.doctor import main as doctor_main
+
+    return doctor_main(args.storage_path, args.prepared)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raydrive", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a model on Ray (same as python -m raydrive.train)", add_help=False)
     s.set_defaults(func=None)
+
+    s = sub.add_parser("doctor", help="check the cluster, accelerators, storage and data that train would use")
+    s.add_argument("--storage-path", help="the --storage-path you will train with (default: the cache's runs/)")
+    s.add_argument("--prepared", help="the prepared data you will train with (default: the embedded set)")
+    s.set_defaults(func=_doctor)
 
     s = sub.add_parser("eval", help="score a checkpoint, or a nuScenes detection submission, with the devkit")
     s.add_argument("model", nargs="?", help="with --checkpoint: the model (e.g. sparse4d)")

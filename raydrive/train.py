@@ -136,9 +136,7 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
     ray.data.DataContext.get_current().enable_progress_bars = False
     r = cfg.run
     plan = accel.plan(ray.cluster_resources(), accelerator=r.accelerator, backend=r.backend, precision=r.precision,
-                      cpus_per_worker=r.cpus_per_worker if r.cpus_per_worker is not None else
-                      (0.5 if "NPU" not in ray.cluster_resources() and "GPU" not in ray.cluster_resources() else None),
-                      env_overrides=env)  # fmt: skip
+                      cpus_per_worker=r.cpus_per_worker, env_overrides=env)  # fmt: skip
     name = r.name or f"{cfg.model_name}-{cfg.preset}" + ("-benchmark" if r.benchmark else "")
     storage = str(Path(r.storage_path or default_cache_dir() / "runs").resolve())
     cfg.run = dataclasses.replace(r, name=name, storage_path=storage)

@@ -32,10 +32,11 @@ def test_gpu_cluster_gets_nccl_and_use_gpu():
     assert p.resources_per_worker["GPU"] == 1 and p.env == {}
 
 
-def test_cpu_cluster_gets_gloo_fp32_and_fractional_cpus_when_asked():
-    p = plan(CPU_CLUSTER, cpus_per_worker=0.5)
+def test_cpu_cluster_gets_gloo_fp32_and_fractional_cpus():
+    p = plan(CPU_CLUSTER)
     assert (p.kind, p.backend, p.use_gpu, p.precision) == ("cpu", "gloo", False, "fp32")
-    assert p.resources_per_worker == {"CPU": 0.5} and p.amp_dtype is None
+    assert p.resources_per_worker == {"CPU": 0.5} and p.amp_dtype is None  # leaves CPUs to Ray Data's tasks
+    assert plan(CPU_CLUSTER, cpus_per_worker=2).resources_per_worker == {"CPU": 2.0}
 
 
 def test_forcing_choices_and_clear_errors():

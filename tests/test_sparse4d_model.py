@@ -8,7 +8,8 @@ import torch
 
 from raydrive.models.sparse4d.model import PRESETS, Sparse4D, Sparse4DConfig
 
-KEYS = Path(__file__).resolve().parents[1].parent / "shared" / "specs" / "keys" / "sparse4d_v3_r50.txt"
+# upstream Sparse4D v3 r50 state-dict keys and shapes (copied from shared/specs/keys/)
+KEYS = Path(__file__).resolve().parent / "data" / "sparse4d_v3_r50.txt"
 
 
 def upstream_keys() -> dict[str, tuple]:

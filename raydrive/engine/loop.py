@@ -9,14 +9,11 @@ same step, epoch and position in the epoch's lane plan.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
