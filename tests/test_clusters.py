@@ -73,3 +73,13 @@ def test_kuberay_manifests(name, kind):
             npus = c["resources"]["limits"]["huawei.com/Ascend910"]
             # KubeRay does not map huawei.com/Ascend* to Ray's NPU resource: the group must declare it
             assert g["resources"]["NPU"] == npus
+
+
+def test_grafana_dashboard_charts_every_published_gauge():
+    from raydrive.engine.metrics import GAUGES
+
+    dash = json.loads((CLUSTERS / "grafana" / "raydrive-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for name in GAUGES:
+        assert f"ray_{name}" in exprs, name
+    assert {v["name"] for v in dash["templating"]["list"]} >= {"run"}

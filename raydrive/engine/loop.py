@@ -21,6 +21,7 @@ import torch
 
 from raydrive.config import DataSection, OptimSection, RunSection, TrainConfig
 from raydrive.engine import checkpoint as ckpt
+from raydrive.engine.metrics import LiveMetrics
 from raydrive.engine.schedule import lr_factor
 from raydrive.engine.timer import StepTimer
 
@@ -137,7 +138,7 @@ def train_loop(config: dict) -> None:
     total = cfg.run.max_steps or cfg.run.epochs * steps_per_epoch
     if cfg.run.benchmark:
         total = cfg.run.benchmark_steps
-    step, epoch, in_epoch = 0, 0, 0
+    step, epoch, in_epoch, resumed_from = 0, 0, 0, None
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
@@ -147,6 +148,7 @@ def train_loop(config: dict) -> None:
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         step, epoch, in_epoch = int(state["step"]), int(state["epoch"]), int(state["in_epoch"])
+        resumed_from = step
         ckpt.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         temporal = state.get("temporal", [])
         if hasattr(model, "load_temporal_state") and rank < len(temporal) and len(temporal) == world:
@@ -162,6 +164,7 @@ def train_loop(config: dict) -> None:
             log(f"[raydrive] before training: val mAP {scored['mAP']:.4f} NDS {scored['NDS']:.4f}")
     timer = StepTimer(cfg.run.batch_size, world)
     run_name = ctx.get_experiment_name()
+    live = LiveMetrics(run_name, rank)
     last_losses: dict[str, float] = {}
     history: list[dict] = []  # since the last report: step, loss, frames of this rank's batch
     stop = min(total, cfg.run.stop_at_step) if cfg.run.stop_at_step else total
@@ -192,6 +195,7 @@ def train_loop(config: dict) -> None:
         timer.step_done()
         last_losses = {k: float(v.detach()) for k, v in losses.items()}
         history.append({"step": step, "loss": float(loss.detach()), "tokens": list(batch["token"])})
+        live.publish(step, last_losses, cfg.optim.lr * factor, timer.last(), device)
         if rank == 0 and (step % cfg.run.log_every == 0 or step == total):
             t = timer.last()
             log(f"[raydrive] {run_name} step {step}/{total} epoch {epoch} loss {float(loss.detach()):.3f} "
@@ -199,7 +203,7 @@ def train_loop(config: dict) -> None:
                 f"data {t['data_wait_fraction']:.0%} {t['samples_per_s_global']:.2f} samples/s")  # fmt: skip
         if not cfg.run.benchmark and (step % cfg.run.checkpoint_every == 0 or step == stop) and step < total:
             _report(model, optimizer, scaler, step, epoch, in_epoch, steps_per_epoch, last_losses, timer, rank,
-                    world, cfg, dist, {"history": history})  # fmt: skip
+                    world, cfg, dist, {"history": history, "resumed_from": resumed_from})  # fmt: skip
             history = []
     if step < total:  # paused with run.stop_at_step: the checkpoint above is where a re-run continues
         if rank == 0:
@@ -214,7 +218,7 @@ def train_loop(config: dict) -> None:
             out.write_text(json.dumps({"step": step, "world_size": world, **summary}, indent=2))
         ray.train.report({"step": step, **summary})
         return
-    extra = {**summary, "history": history, **before}
+    extra = {**summary, "history": history, "resumed_from": resumed_from, **before}
     if cfg.run.evaluate:
         extra.update(evaluate_on_workers(model, cfg, spec, rank, world, dist))
     # the final checkpoint comes after evaluation, so the run's result carries the metrics
