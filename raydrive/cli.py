@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="score a checkpoint, or a nuScenes detection submission, with the devkit")
     s.add_argument("model", nargs="?", help="with --checkpoint: the model (e.g. sparse4d)")
-    s.add_argument("--checkpoint", help="a raydrive checkpoint directory: decode the val split and score it")
+    s.add_argument("--checkpoint", help="a raydrive checkpoint folder (or a run folder: its latest checkpoint); "
+                   "decodes the val split and scores it")
     s.add_argument("--prepared", help="with --checkpoint: prepared data (default: the run's)")
     s.add_argument("--dataroot")
     s.add_argument("--version", default="v1.0-mini")
@@ -127,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from raydrive.config import ConfigError
+
     try:
         return args.func(args)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"raydrive {args.command}: error: {e}", file=sys.stderr)
         return 2
 

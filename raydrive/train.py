@@ -94,20 +94,36 @@ def resolve_data(cfg: TrainConfig) -> None:
     cfg.data = dataclasses.replace(d, dataroot=str(dataroot) if dataroot else None, prepared=str(prepared))
 
 
+def _local_cluster_address() -> str | None:
+    """The address of a cluster started with `ray start` on this machine, if it is alive."""
+    import socket
+
+    marker = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    try:
+        address = marker.read_text().strip().splitlines()[0]
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1):
+            return address
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def connect_ray():
-    """Join the cluster this runs on, else start a local Ray with more logical CPUs than cores
-    (on a small machine, workers holding whole CPUs would starve Ray Data's tasks)."""
+    """Join the cluster this runs on (RAY_ADDRESS, which `ray job submit` sets, or a live `ray start`
+    cluster on this machine), else start a local Ray with more logical CPUs than cores (on a small
+    machine, workers holding whole CPUs would starve Ray Data's tasks)."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        print(f"[raydrive] connected to the Ray cluster at {os.environ['RAY_ADDRESS']}", flush=True)
+    address = os.environ.get("RAY_ADDRESS") or _local_cluster_address()
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        print(f"[raydrive] connected to the Ray cluster at {address}", flush=True)
     else:
         cpus = max(4, 2 * (os.cpu_count() or 1))
-        ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False,
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})  # fmt: skip
         print(f"[raydrive] started a local Ray instance ({cpus} logical CPUs on {os.cpu_count()} cores)", flush=True)
 
@@ -221,9 +237,13 @@ def evaluate_checkpoint(checkpoint: str, prepared: str | None = None, dataroot: 
     from raydrive.trainers import get_spec
 
     path = Path(checkpoint)
+    if path.is_dir() and not (path / ckpt.META_FILE).is_file():  # a run folder: take its latest checkpoint
+        found = sorted(p for p in path.glob("checkpoint_*") if (p / ckpt.META_FILE).is_file())
+        path = found[-1] if found else path
     meta_file = path / ckpt.META_FILE
     if not meta_file.is_file():
-        raise ConfigError(f"{path} is not a raydrive checkpoint directory (no {ckpt.META_FILE})")
+        raise ConfigError(f"{path} is not a raydrive checkpoint (no {ckpt.META_FILE}); pass a checkpoint_* folder "
+                          f"or the run folder <storage-path>/<name>")
     cfg = config_from_dict(json.loads(meta_file.read_text())["config"])
     cfg.run = dataclasses.replace(cfg.run, load_from=str(path))
     if prepared or dataroot:

@@ -26,6 +26,7 @@ def test_ground_truth_scores_perfectly(records, synth_root, nusc, tmp_path):
                        output_dir=str(tmp_path), nusc=nusc)  # fmt: skip
     assert metrics["mAP"] >= 0.99 and metrics["NDS"] >= 0.99, format_table(metrics)
     assert set(metrics["per_class_AP"]) == set(CLASSES)
+    assert all(metrics[k] < 0.01 for k in ("mATE", "mASE", "mAOE", "mAVE", "mAAE"))
     assert (tmp_path / "results_nusc.json").is_file()
 
 

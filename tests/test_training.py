@@ -22,7 +22,7 @@ def train(prepared, synth_root, storage, name, *extra):
 
 
 @pytest.mark.slow
-def test_data_parallel_training_and_exact_resume(prepared, synth_root, ray_local, tmp_path):
+def test_data_parallel_training_and_exact_resume(prepared, synth_root, ray_local, tmp_path, capsys):
     # two workers, uninterrupted: every checkpoint verified that both ranks hold identical parameters
     _, reports_a, hist_a = train(prepared, synth_root, tmp_path, "a", "--num-workers", "2")
     assert [m["step"] for m in reports_a] == [2, 4, 6]
@@ -40,6 +40,12 @@ def test_data_parallel_training_and_exact_resume(prepared, synth_root, ray_local
         assert hist_b2[s]["tokens"] == hist_a[s]["tokens"]
         assert hist_b2[s]["loss"] == pytest.approx(hist_a[s]["loss"], rel=1e-4)
     assert reports_b2[-1]["param_checksum"] == pytest.approx(reports_a[-1]["param_checksum"], rel=1e-6)
+
+    # `raydrive eval sparse4d --checkpoint RUN_FOLDER` scores the run's latest checkpoint on the val split
+    from raydrive.cli import main
+
+    assert main(["eval", "sparse4d", "--checkpoint", str(tmp_path / "a")]) == 0
+    assert "mAP:" in capsys.readouterr().out
 
     # one worker alone sees one shard per step: its parameters end elsewhere
     _, reports_c, _ = train(prepared, synth_root, tmp_path, "c", "--num-workers", "1")

@@ -124,8 +124,9 @@ def evaluate(predictions: dict[str, dict], records: list[dict], dataroot: str, v
 
 def flatten_summary(summary: dict) -> dict:
     metrics = {"mAP": float(summary["mean_ap"]), "NDS": float(summary["nd_score"])}
+    short = {"trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE", "vel_err": "mAVE", "attr_err": "mAAE"}
     for name, value in summary["tp_errors"].items():
-        metrics[f"m{name.replace('_err', '').upper()}E"] = float(value)
+        metrics[short.get(name, name)] = float(value)
     metrics["per_class_AP"] = {k: float(v) for k, v in summary["mean_dist_aps"].items()}
     metrics["per_class_tp_errors"] = {
         c: {k: float(v) for k, v in errs.items()} for c, errs in summary["label_tp_errors"].items()
