@@ -28,9 +28,7 @@ def load_points(path: Path) -> np.ndarray:
 def lidar_to_camera(rec: dict, cam: str) -> np.ndarray:
     """4x4 transform from the key-frame lidar to camera `cam`, through both ego poses."""
     c = rec["cams"][cam]
-    lidar2global = geo.transform(rec["ego2global_rotation"], rec["ego2global_translation"]) @ geo.transform(
-        rec["lidar2ego_rotation"], rec["lidar2ego_translation"]
-    )
+    lidar2global = geo.lidar_to_global(rec)
     cam2global = geo.transform(c["ego2global_rotation"], c["ego2global_translation"]) @ geo.transform(
         c["sensor2ego_rotation"], c["sensor2ego_translation"]
     )

@@ -63,6 +63,13 @@ def transform(rotation, translation) -> np.ndarray:
     return m
 
 
+def lidar_to_global(rec) -> np.ndarray:
+    """4x4 key-frame lidar -> global of an info record (or any mapping with its four pose fields)."""
+    return transform(rec["ego2global_rotation"], rec["ego2global_translation"]) @ transform(
+        rec["lidar2ego_rotation"], rec["lidar2ego_translation"]
+    )
+
+
 def apply(m: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a 4x4 transform to (N, 3) points."""
     return points @ m[:3, :3].T + m[:3, 3]

@@ -272,9 +272,8 @@ def load_frames(batch: dict[str, np.ndarray], cfg: LoaderConfig) -> dict[str, np
                 uv = uvd[:, :2] @ ida[:2, :2].T + ida[:2, 2]
                 keep = (uv[:, 0] >= 0) & (uv[:, 0] < fw) & (uv[:, 1] >= 0) & (uv[:, 1] < fh)
                 depth_rows.append(np.concatenate([np.full((keep.sum(), 1), c), uv[keep], uvd[keep, 2:3]], 1))
-        l2g = geo.transform(batch["ego2global_rotation"][i], batch["ego2global_translation"][i]) @ geo.transform(
-            batch["lidar2ego_rotation"][i], batch["lidar2ego_translation"][i]
-        )
+        l2g = geo.lidar_to_global({k: batch[k][i] for k in ("ego2global_rotation", "ego2global_translation",
+                                                           "lidar2ego_rotation", "lidar2ego_translation")})  # fmt: skip
         boxes = _stack_ragged(batch["gt_boxes"][i], (7,), np.float64)
         vel = np.nan_to_num(_stack_ragged(batch["gt_velocity"][i], (2,), np.float64))
         names = np.array([str(x) for x in batch["gt_names"][i]], dtype=object)

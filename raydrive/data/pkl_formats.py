@@ -251,9 +251,7 @@ def _from_mmdet3d(info: dict, i: int, path, dataroot) -> dict:
     names = [class_name(str(x), f"record {i} (token {token}) of {path}") for x in info.get("gt_names", [])]
     if len(names) != n:
         raise DataError(f"record {i} (token {token}) of {path}: {n} gt_boxes but {len(names)} gt_names")
-    lidar2global = geo.transform(rec["ego2global_rotation"], rec["ego2global_translation"]) @ geo.transform(
-        rec["lidar2ego_rotation"], rec["lidar2ego_translation"]
-    )
+    lidar2global = geo.lidar_to_global(rec)
     vel = np.asarray(info.get("gt_velocity", np.zeros((n, 2))), dtype=np.float64).reshape(n, 2)
     num_lidar = np.asarray(info.get("num_lidar_pts", np.ones(n)), dtype=np.int32).reshape(n)
     num_radar = np.asarray(info.get("num_radar_pts", np.zeros(n)), dtype=np.int32).reshape(n)

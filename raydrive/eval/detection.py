@@ -25,12 +25,6 @@ from raydrive.data.infos import DataError
 TP_METRICS = ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")
 
 
-def lidar2global(rec: dict) -> np.ndarray:
-    return geo.transform(rec["ego2global_rotation"], rec["ego2global_translation"]) @ geo.transform(
-        rec["lidar2ego_rotation"], rec["lidar2ego_translation"]
-    )
-
-
 def to_submission(predictions: dict[str, dict], records: list[dict], max_per_sample: int = 500) -> dict:
     """Submission dict for the devkit. Every record gets an entry, with an empty list if it has none."""
     results = {}
@@ -45,7 +39,7 @@ def to_submission(predictions: dict[str, dict], records: list[dict], max_per_sam
             if boxes.ndim != 2 or boxes.shape[1] not in (7, 9):
                 raise DataError(f"predictions for sample {token}: boxes must be (N, 7) or (N, 9), got {boxes.shape}")
             order = np.argsort(-scores)[:max_per_sample]
-            m = lidar2global(rec)
+            m = geo.lidar_to_global(rec)
             centers = geo.apply(m, boxes[order, :3])
             vel = np.zeros((len(order), 3))
             if boxes.shape[1] == 9:
