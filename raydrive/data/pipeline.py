@@ -22,7 +22,7 @@ Design
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from raydrive.data.augment import (
     normalize,
     photometric,
 )
-from raydrive.data.constants import CAMERAS, CLASSES, NUM_CAMS
+from raydrive.data.constants import CLASSES, NUM_CAMS
 from raydrive.data.depth_gt import depth_file, read_depth_gt
 from raydrive.data.infos import DataError, resolve_path
 from raydrive.data.lanes import LaneConfig, Plan, plan_epoch, scene_chunks
@@ -142,10 +142,6 @@ class FramePipeline:
         for name, values in plan_rows.items():
             rows = rows.append_column(name, pa.array(np.asarray(values)))
         return rows.append_column("epoch", pa.array(np.full(len(plan_rows["frame"]), epoch, dtype=np.int64)))
-
-    def dataset(self, epoch: int, rank: int, world_size: int, start_step: int = 0):
-        """A Ray Dataset of this worker's augmented frames, one block per step, order preserved."""
-        return self._dataset(self.rows(epoch, rank, world_size, start_step), self.block_rows)
 
     def _dataset(self, rows: pa.Table, block_rows: int):
         """One Ray Data block (one map task) per `block_rows` rows, in order."""
@@ -339,9 +335,4 @@ def collate(batch: dict[str, np.ndarray], expected_step: int | None = None) -> d
     return out
 
 
-def describe(cfg: PipelineConfig) -> dict:
-    """The pipeline's settings as plain data (saved with a run)."""
-    return asdict(cfg)
-
-
-__all__ = ["FramePipeline", "PipelineConfig", "LaneConfig", "AugConfig", "collate", "load_frames", "CAMERAS"]
+__all__ = ["FramePipeline", "PipelineConfig", "LaneConfig", "AugConfig", "collate", "load_frames"]
