@@ -194,7 +194,7 @@ def train_loop(config: dict) -> None:
         in_epoch += 1
         timer.step_done()
         last_losses = {k: float(v.detach()) for k, v in losses.items()}
-        history.append({"step": step, "loss": float(loss.detach()), "tokens": list(batch["token"])})
+        history.append({"step": step, "loss": float(loss.detach()), "losses": dict(last_losses), "tokens": list(batch["token"])})
         live.publish(step, last_losses, cfg.optim.lr * factor, timer.last(), device)
         if rank == 0 and (step % cfg.run.log_every == 0 or step == total):
             t = timer.last()
