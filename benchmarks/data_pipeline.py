@@ -8,6 +8,7 @@ batch, steady samples/s (one sample = one 6-camera frame) and the Ray/DataLoader
     python benchmarks/data_pipeline.py                 # embedded default set, 256x704 outputs
     python benchmarks/data_pipeline.py --prepared P --batch-size 2 --workers 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,15 @@ def run_dataloader(pipe, args) -> tuple[float, float, int]:
     from torch.utils.data import DataLoader
 
     rows = pipe.rows(epoch=0, rank=0, world_size=1)
-    loader = DataLoader(_PlannedFrames(rows, pipe.loader_cfg), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.workers, collate_fn=_collate, prefetch_factor=2, persistent_workers=False)  # fmt: skip
+    loader = DataLoader(
+        _PlannedFrames(rows, pipe.loader_cfg),
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.workers,
+        collate_fn=_collate,
+        prefetch_factor=2,
+        persistent_workers=False,
+    )
     return _time_batches(loader)
 
 
@@ -91,26 +99,39 @@ def main() -> None:
         from raydrive.data.default import ensure_default_data
 
         prepared = str(ensure_default_data()[1])
-    cfg = PipelineConfig(prepared=prepared, batch_size=args.batch_size, aug=AugConfig(final_hw=(args.height, args.width)))
+    cfg = PipelineConfig(
+        prepared=prepared, batch_size=args.batch_size, aug=AugConfig(final_hw=(args.height, args.width))
+    )
     pipe = FramePipeline(cfg)
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     results = {}
     # DataLoader first, then Ray, then both again: the second round is the one reported (warm caches).
-    for name, fn in (("DataLoader", run_dataloader), ("Ray Data", run_ray), ("DataLoader", run_dataloader), ("Ray Data", run_ray)):
+    for name, fn in (
+        ("DataLoader", run_dataloader),
+        ("Ray Data", run_ray),
+        ("DataLoader", run_dataloader),
+        ("Ray Data", run_ray),
+    ):
         results[name] = fn(pipe, args)
     ray.shutdown()
 
     width = max(len(k) for k in results)
-    print(f"\nframes: {results['Ray Data'][2]} (6 cameras each, {args.height}x{args.width} out), batch {args.batch_size}, "
-          f"{args.workers} decode workers each, {os.cpu_count()} cores")  # fmt: skip
+    print(
+        f"\nframes: {results['Ray Data'][2]} (6 cameras each, {args.height}x{args.width} out), "
+        f"batch {args.batch_size}, "
+        f"{args.workers} decode workers each, {os.cpu_count()} cores"
+    )
     print(f"{'loader':<{width}}  {'first batch (s)':>15}  {'samples/s':>10}")
     for name, (first, rate, _) in results.items():
         print(f"{name:<{width}}  {first:>15.2f}  {rate:>10.2f}")
     ray_first, ray_rate, _ = results["Ray Data"]
     dl_first, dl_rate, _ = results["DataLoader"]
-    print(f"ratio Ray Data / DataLoader: samples/s {ray_rate / dl_rate:.2f}x, time to first batch {ray_first / dl_first:.2f}x")
+    print(
+        f"ratio Ray Data / DataLoader: samples/s {ray_rate / dl_rate:.2f}x, "
+        f"time to first batch {ray_first / dl_first:.2f}x"
+    )
 
 
 if __name__ == "__main__":

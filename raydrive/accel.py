@@ -9,6 +9,7 @@ runtime env. See shared/specs/ray.md for the Ray facts behind each choice.
 Detection happens twice: on the driver from the cluster's resources (what to ask Ray for) and on each
 worker from torch (which device this process drives). Every choice can be forced.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -59,9 +60,16 @@ def torch_npu_available() -> bool:
     return importlib.util.find_spec("torch_npu") is not None
 
 
-def plan(cluster_resources: dict[str, float], *, accelerator: str = "auto", backend: str | None = None,
-         precision: str = "auto", cpus_per_worker: float | None = None, env_overrides: dict[str, str] | None = None,
-         environ: dict[str, str] | None = None) -> AccelPlan:  # fmt: skip
+def plan(
+    cluster_resources: dict[str, float],
+    *,
+    accelerator: str = "auto",
+    backend: str | None = None,
+    precision: str = "auto",
+    cpus_per_worker: float | None = None,
+    env_overrides: dict[str, str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> AccelPlan:
     """Choose the accelerator kind, backend, worker resources, precision and runtime env.
 
     `cluster_resources` is `ray.cluster_resources()`. `accelerator`, `backend`, `precision` and
@@ -79,7 +87,9 @@ def plan(cluster_resources: dict[str, float], *, accelerator: str = "auto", back
     else:
         kind, reason = accelerator, f"forced with --accelerator {accelerator}"
         if kind != "cpu" and cluster_resources.get(RESOURCE[kind], 0) <= 0:
-            raise ValueError(f"--accelerator {kind} but the cluster has no {RESOURCE[kind]} resources: {cluster_resources}")
+            raise ValueError(
+                f"--accelerator {kind} but the cluster has no {RESOURCE[kind]} resources: {cluster_resources}"
+            )
     chosen_backend = backend or BACKEND[kind]
     if chosen_backend not in ("hccl", "nccl", "gloo"):
         raise ValueError(f"--backend must be hccl, nccl or gloo, got {chosen_backend!r}")

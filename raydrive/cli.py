@@ -1,4 +1,5 @@
 """`raydrive synth | prepare | train | eval | doctor`: one console script."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,16 @@ from raydrive.data.infos import DataError
 def _synth(args) -> int:
     from raydrive.data.synth import SynthConfig, synthesize
 
-    out = synthesize(SynthConfig(out=args.out, scenes=args.scenes, samples_per_scene=args.samples_per_scene,
-                                 seed=args.seed, image_width=args.width, image_height=args.height))  # fmt: skip
+    out = synthesize(
+        SynthConfig(
+            out=args.out,
+            scenes=args.scenes,
+            samples_per_scene=args.samples_per_scene,
+            seed=args.seed,
+            image_width=args.width,
+            image_height=args.height,
+        )
+    )
     print(f"synthetic nuScenes v1.0-mini written to {out}")
     return 0
 
@@ -31,9 +40,18 @@ def _prepare(args) -> int:
             return 0
         args.dataroot = str(dataroot)
     out = args.out or str(Path(args.dataroot or ".") / "raydrive-prepared")
-    manifest = prepare(PrepareConfig(out=out, dataroot=args.dataroot, version=args.version, from_pkl=args.from_pkl,
-                                     split=args.split, pkl_formats=args.pkl_format or [],
-                                     depth_gt=not args.no_depth_gt, anchors=not args.no_anchors))  # fmt: skip
+    manifest = prepare(
+        PrepareConfig(
+            out=out,
+            dataroot=args.dataroot,
+            version=args.version,
+            from_pkl=args.from_pkl,
+            split=args.split,
+            pkl_formats=args.pkl_format or [],
+            depth_gt=not args.no_depth_gt,
+            anchors=not args.no_anchors,
+        )
+    )
     _summary(manifest, Path(out).resolve())
     return 0
 
@@ -86,15 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, default=900)
     s.set_defaults(func=_synth)
 
-    s = sub.add_parser("prepare", help="nuScenes tree or upstream info pkl -> parquet, depth GT, anchors",
-                       description="With neither --dataroot nor --from-pkl: prepare the embedded synthetic default.")
+    s = sub.add_parser(
+        "prepare",
+        help="nuScenes tree or upstream info pkl -> parquet, depth GT, anchors",
+        description="With neither --dataroot nor --from-pkl: prepare the embedded synthetic default.",
+    )
     s.add_argument("--dataroot", help="nuScenes tree (with --from-pkl: the prefix to strip from its paths)")
     s.add_argument("--version", default="v1.0-mini", choices=["v1.0-mini", "v1.0-trainval", "v1.0-test"])
     s.add_argument("--out", help="output folder (default: DATAROOT/raydrive-prepared)")
     s.add_argument("--from-pkl", help="read an upstream info pkl (Sparse4D, StreamPETR or BEVDepth layout)")
     s.add_argument("--split", choices=["train", "val", "test"], help="with --from-pkl: the split it holds")
-    s.add_argument("--pkl-format", action="append", choices=["sparse4d", "streampetr", "bevdepth"],
-                   help="also write the upstream pkl layout (repeatable)")
+    s.add_argument(
+        "--pkl-format",
+        action="append",
+        choices=["sparse4d", "streampetr", "bevdepth"],
+        help="also write the upstream pkl layout (repeatable)",
+    )
     s.add_argument("--no-depth-gt", action="store_true", help="skip the depth ground truth")
     s.add_argument("--no-anchors", action="store_true", help="skip the k-means anchors")
     s.set_defaults(func=_prepare)
@@ -109,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="score a checkpoint, or a nuScenes detection submission, with the devkit")
     s.add_argument("model", nargs="?", help="with --checkpoint: the model (e.g. sparse4d)")
-    s.add_argument("--checkpoint", help="a raydrive checkpoint folder (or a run folder: its latest checkpoint); "
-                   "decodes the val split and scores it")
+    s.add_argument(
+        "--checkpoint",
+        help="a raydrive checkpoint folder (or a run folder: its latest checkpoint); "
+        "decodes the val split and scores it",
+    )
     s.add_argument("--prepared", help="with --checkpoint: prepared data (default: the run's)")
     s.add_argument("--dataroot")
     s.add_argument("--version", default="v1.0-mini")

@@ -4,6 +4,7 @@ A run's config is a `TrainConfig` with four sections: `run` (scale, storage, fai
 `data`, `optim` and `model` (the model's own dataclass, e.g. `Sparse4DConfig`). Overrides use dotted
 paths (`optim.lr=3e-4`, `model.num_anchor=300`); an unknown key is an error that lists close matches.
 """
+
 from __future__ import annotations
 
 import dataclasses

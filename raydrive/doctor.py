@@ -5,6 +5,7 @@ torch_npu, CANN and mx_driving versions, the backend that train would choose and
 environment, whether the storage path is writable and shared across nodes, and the prepared data's
 manifest. Exit status 1 when any line is a FAIL.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -55,8 +56,13 @@ def diagnose(storage_path: str | None = None, prepared: str | None = None) -> li
 
     checks: list[Check] = []
     version = ray.__version__
-    checks.append(Check("PASS" if version == "2.60.0" else "WARN", "ray", f"{version}" +
-                        ("" if version == "2.60.0" else " (raydrive is tested with 2.60.0)")))  # fmt: skip
+    checks.append(
+        Check(
+            "PASS" if version == "2.60.0" else "WARN",
+            "ray",
+            f"{version}" + ("" if version == "2.60.0" else " (raydrive is tested with 2.60.0)"),
+        )
+    )
 
     if not ray.is_initialized():
         from raydrive.train import connect_ray
@@ -64,17 +70,36 @@ def diagnose(storage_path: str | None = None, prepared: str | None = None) -> li
         connect_ray()
     ctx = ray.get_runtime_context()
     address = os.environ.get("RAY_ADDRESS")
-    checks.append(Check("PASS", "cluster", f"joined {address}" if address else
-                        f"local Ray instance (no RAY_ADDRESS): `raydrive train` starts one like it, node {ctx.get_node_id()[:8]}"))  # fmt: skip
+    checks.append(
+        Check(
+            "PASS",
+            "cluster",
+            f"joined {address}"
+            if address
+            else "local Ray instance (no RAY_ADDRESS): `raydrive train` starts one like it, "
+            f"node {ctx.get_node_id()[:8]}",
+        )
+    )
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     for n in nodes:
         r = n["Resources"]
-        checks.append(Check("PASS", "node", f"{n['NodeManagerAddress']}: {r.get('NPU', 0):g} NPU, {r.get('GPU', 0):g} GPU, "
-                            f"{r.get('CPU', 0):g} CPU"))  # fmt: skip
+        checks.append(
+            Check(
+                "PASS",
+                "node",
+                f"{n['NodeManagerAddress']}: {r.get('NPU', 0):g} NPU, {r.get('GPU', 0):g} GPU, {r.get('CPU', 0):g} CPU",
+            )
+        )
 
     import torch
 
-    checks.append(Check("PASS", "torch", f"{torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build")))
+    checks.append(
+        Check(
+            "PASS",
+            "torch",
+            f"{torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build"),
+        )
+    )
     npu_pkg, mx, cann = _version("torch_npu"), _version("mx-driving") or _version("mx_driving"), _cann_version()
     resources = ray.cluster_resources()
     has_npu = resources.get("NPU", 0) > 0
@@ -82,13 +107,24 @@ def diagnose(storage_path: str | None = None, prepared: str | None = None) -> li
         if value:
             checks.append(Check("PASS", name, value))
         else:
-            checks.append(Check("FAIL" if has_npu and name != "mx_driving" else "PASS" if not has_npu else "WARN", name,
-                                "not installed" + (" (needed on Ascend nodes)" if has_npu else " (not needed without NPUs)")))  # fmt: skip
+            checks.append(
+                Check(
+                    "FAIL" if has_npu and name != "mx_driving" else "PASS" if not has_npu else "WARN",
+                    name,
+                    "not installed" + (" (needed on Ascend nodes)" if has_npu else " (not needed without NPUs)"),
+                )
+            )
 
     try:
         plan = accel.plan(resources)
-        checks.append(Check("PASS", "backend", f"{plan.backend} on {plan.kind} ({plan.reason}); workers ask for "
-                            f"{plan.resources_per_worker}, precision {plan.precision}"))  # fmt: skip
+        checks.append(
+            Check(
+                "PASS",
+                "backend",
+                f"{plan.backend} on {plan.kind} ({plan.reason}); workers ask for "
+                f"{plan.resources_per_worker}, precision {plan.precision}",
+            )
+        )
     except ValueError as e:
         checks.append(Check("FAIL", "backend", str(e)))
         plan = None
@@ -116,11 +152,22 @@ def diagnose(storage_path: str | None = None, prepared: str | None = None) -> li
             checks.append(Check("PASS", "storage", f"{storage} writable (single node: sharing not needed)"))
         else:
             remote = ray.remote(num_cpus=0)(_check_path_on_node)
-            seen = ray.get([remote.options(scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
-                n["NodeID"], soft=False)).remote(str(storage), token) for n in nodes])  # fmt: skip
+            seen = ray.get(
+                [
+                    remote.options(
+                        scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+                            n["NodeID"], soft=False
+                        )
+                    ).remote(str(storage), token)
+                    for n in nodes
+                ]
+            )
             missing = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
-            checks.append(Check("FAIL", "storage", f"{storage} is not shared: nodes {missing} do not see it; use NFS or S3")
-                          if missing else Check("PASS", "storage", f"{storage} writable and seen by all {len(nodes)} nodes"))
+            checks.append(
+                Check("FAIL", "storage", f"{storage} is not shared: nodes {missing} do not see it; use NFS or S3")
+                if missing
+                else Check("PASS", "storage", f"{storage} writable and seen by all {len(nodes)} nodes")
+            )
         marker.unlink(missing_ok=True)
 
     from raydrive.data.infos import DataError
@@ -130,7 +177,9 @@ def diagnose(storage_path: str | None = None, prepared: str | None = None) -> li
     try:
         m = load_manifest(folder)
         splits = ", ".join(f"{s} {v['frames']} frames" for s, v in m["splits"].items())
-        checks.append(Check("PASS", "prepared data", f"{folder}: {m['version']}, {splits}, schema {m['schema_version']}"))
+        checks.append(
+            Check("PASS", "prepared data", f"{folder}: {m['version']}, {splits}, schema {m['schema_version']}")
+        )
     except DataError as e:
         checks.append(Check("WARN" if prepared is None else "FAIL", "prepared data", str(e)))
     return checks

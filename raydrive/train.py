@@ -6,6 +6,7 @@ on (RAY_ADDRESS, or the one `ray job submit` started it on) or starts a local on
 accelerator layer what to request, and runs Ray Train's TorchTrainer with the model's train loop.
 Re-running with the same --name and --storage-path resumes from the latest checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,16 @@ from raydrive.config import ConfigError, DataSection, OptimSection, RunSection, 
 def build_parser() -> argparse.ArgumentParser:
     from raydrive.trainers import list_models
 
-    p = argparse.ArgumentParser(prog="python -m raydrive.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m raydrive.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("model", choices=list_models())
-    p.add_argument("--preset", default=None, help="full (upstream config) or small (CPU-sized); default: small "
-                   "on the embedded synthetic set, full otherwise")  # fmt: skip
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="full (upstream config) or small (CPU-sized); default: small "
+        "on the embedded synthetic set, full otherwise",
+    )
     p.add_argument("--dataroot", help="nuScenes tree (default: the embedded synthetic set)")
     p.add_argument("--prepared", help="output of `raydrive prepare` (default: DATAROOT/raydrive-prepared)")
     p.add_argument("--num-workers", type=int)
@@ -39,9 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator", choices=["auto", "npu", "cuda", "cpu"])
     p.add_argument("--backend", choices=["hccl", "nccl", "gloo"])
     p.add_argument("--cpus-per-worker", type=float)
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="worker environment variable (repeatable), e.g. HCCL_CONNECT_TIMEOUT=3600; wins over defaults")
-    p.add_argument("--benchmark", action="store_true", help="run a fixed number of steps and print the performance table")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="worker environment variable (repeatable), e.g. HCCL_CONNECT_TIMEOUT=3600; wins over defaults",
+    )
+    p.add_argument(
+        "--benchmark", action="store_true", help="run a fixed number of steps and print the performance table"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--load-from", help="weights to start from: an upstream .pth or a raydrive checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the val evaluation after training")
@@ -58,16 +71,34 @@ def resolve_config(args) -> TrainConfig:
     if preset not in spec.presets:
         raise ConfigError(f"model {args.model} has no preset {preset!r} (presets: {', '.join(spec.presets)})")
     defaults = spec.defaults.get(preset, {})
-    cfg = TrainConfig(args.model, preset, RunSection(**defaults.get("run", {})), DataSection(**defaults.get("data", {})),
-                      OptimSection(**defaults.get("optim", {})), model_config(args.model, preset))  # fmt: skip
+    cfg = TrainConfig(
+        args.model,
+        preset,
+        RunSection(**defaults.get("run", {})),
+        DataSection(**defaults.get("data", {})),
+        OptimSection(**defaults.get("optim", {})),
+        model_config(args.model, preset),
+    )
     flags = {
-        "run": dict(num_workers=args.num_workers, batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
-                    storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
-                    precision=args.precision, accelerator=args.accelerator, backend=args.backend,
-                    cpus_per_worker=args.cpus_per_worker, seed=args.seed, load_from=args.load_from,
-                    benchmark=args.benchmark or None, evaluate=False if args.no_eval else None),
+        "run": dict(
+            num_workers=args.num_workers,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            storage_path=args.storage_path,
+            name=args.name,
+            max_failures=args.max_failures,
+            precision=args.precision,
+            accelerator=args.accelerator,
+            backend=args.backend,
+            cpus_per_worker=args.cpus_per_worker,
+            seed=args.seed,
+            load_from=args.load_from,
+            benchmark=args.benchmark or None,
+            evaluate=False if args.no_eval else None,
+        ),
         "data": dict(dataroot=args.dataroot, prepared=args.prepared),
-    }  # fmt: skip
+    }
     for section, values in flags.items():
         values = {k: v for k, v in values.items() if v is not None}
         setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
@@ -123,8 +154,13 @@ def connect_ray():
         print(f"[raydrive] connected to the Ray cluster at {address}", flush=True)
     else:
         cpus = max(4, 2 * (os.cpu_count() or 1))
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}},
+        )
         print(f"[raydrive] started a local Ray instance ({cpus} logical CPUs on {os.cpu_count()} cores)", flush=True)
 
 
@@ -151,13 +187,22 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
     connect_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     r = cfg.run
-    plan = accel.plan(ray.cluster_resources(), accelerator=r.accelerator, backend=r.backend, precision=r.precision,
-                      cpus_per_worker=r.cpus_per_worker, env_overrides=env)  # fmt: skip
+    plan = accel.plan(
+        ray.cluster_resources(),
+        accelerator=r.accelerator,
+        backend=r.backend,
+        precision=r.precision,
+        cpus_per_worker=r.cpus_per_worker,
+        env_overrides=env,
+    )
     name = r.name or f"{cfg.model_name}-{cfg.preset}" + ("-benchmark" if r.benchmark else "")
     storage = str(Path(r.storage_path or default_cache_dir() / "runs").resolve())
     cfg.run = dataclasses.replace(r, name=name, storage_path=storage)
-    print(f"[raydrive] {cfg.model_name} ({cfg.preset}) on {r.num_workers} {plan.kind} worker(s), backend {plan.backend} "
-          f"({plan.reason}), precision {plan.precision}", flush=True)  # fmt: skip
+    print(
+        f"[raydrive] {cfg.model_name} ({cfg.preset}) on {r.num_workers} {plan.kind} worker(s), backend {plan.backend} "
+        f"({plan.reason}), precision {plan.precision}",
+        flush=True,
+    )
     print("[raydrive] resolved config:\n" + cfg.to_yaml(), flush=True)
     run_dir = Path(storage) / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -167,8 +212,9 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "accelerator": plan.kind, "precision": plan.precision},
         torch_config=TorchConfig(backend=plan.backend),
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=plan.use_gpu,
-                                     resources_per_worker=plan.resources_per_worker),  # fmt: skip
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers, use_gpu=plan.use_gpu, resources_per_worker=plan.resources_per_worker
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
@@ -188,10 +234,14 @@ def report(cfg: TrainConfig, result) -> None:
         m = json.loads(path.read_text()) if path.is_file() else m
         print("\n| model | preset | workers | global batch | mean step time (s) | FPS (samples/s) |")
         print("|---|---|---|---|---|---|")
-        print(f"| {cfg.model_name} | {cfg.preset} | {cfg.run.num_workers} | {m.get('global_batch')} | "
-              f"{m.get('mean_step_time_s', float('nan')):.3f} | {m.get('fps', float('nan')):.2f} |")  # fmt: skip
-        print(f"(mean over {m.get('steps_timed')} steps after {cfg.run.benchmark_warmup} warm-up steps; "
-              f"one sample = one 6-camera frame)")  # fmt: skip
+        print(
+            f"| {cfg.model_name} | {cfg.preset} | {cfg.run.num_workers} | {m.get('global_batch')} | "
+            f"{m.get('mean_step_time_s', float('nan')):.3f} | {m.get('fps', float('nan')):.2f} |"
+        )
+        print(
+            f"(mean over {m.get('steps_timed')} steps after {cfg.run.benchmark_warmup} warm-up steps; "
+            f"one sample = one 6-camera frame)"
+        )
         return
     if "mAP" in m:
         from raydrive.eval.detection import format_table
@@ -242,12 +292,16 @@ def evaluate_checkpoint(checkpoint: str, prepared: str | None = None, dataroot: 
         path = found[-1] if found else path
     meta_file = path / ckpt.META_FILE
     if not meta_file.is_file():
-        raise ConfigError(f"{path} is not a raydrive checkpoint (no {ckpt.META_FILE}); pass a checkpoint_* folder "
-                          f"or the run folder <storage-path>/<name>")
+        raise ConfigError(
+            f"{path} is not a raydrive checkpoint (no {ckpt.META_FILE}); pass a checkpoint_* folder "
+            f"or the run folder <storage-path>/<name>"
+        )
     cfg = config_from_dict(json.loads(meta_file.read_text())["config"])
     cfg.run = dataclasses.replace(cfg.run, load_from=str(path))
     if prepared or dataroot:
-        cfg.data = dataclasses.replace(cfg.data, prepared=prepared or cfg.data.prepared, dataroot=dataroot or cfg.data.dataroot)
+        cfg.data = dataclasses.replace(
+            cfg.data, prepared=prepared or cfg.data.prepared, dataroot=dataroot or cfg.data.dataroot
+        )
     spec = get_spec(cfg.model_name)
     connect_ray()
     kind = accel.local_kind()

@@ -1,4 +1,5 @@
 """Shared fixtures: one small synthetic tree, prepared once, and one local Ray per test session."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,14 @@ def prepared(synth_root, tmp_path_factory):
     from raydrive.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("prepared")
-    prepare(PrepareConfig(out=str(out), dataroot=str(synth_root), show_progress=False,
-                          pkl_formats=["sparse4d", "streampetr", "bevdepth"]))
+    prepare(
+        PrepareConfig(
+            out=str(out),
+            dataroot=str(synth_root),
+            show_progress=False,
+            pkl_formats=["sparse4d", "streampetr", "bevdepth"],
+        )
+    )
     return out
 
 

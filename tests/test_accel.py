@@ -1,4 +1,5 @@
 """The accelerator layer's choices for NPU, CUDA and CPU clusters (detection inputs, no devices needed)."""
+
 from __future__ import annotations
 
 import pytest

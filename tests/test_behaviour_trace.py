@@ -1,6 +1,7 @@
 """Behaviour preserved across refactors: the Sparse4D small preset with a fixed seed gives the same
 per-step loss terms and the same frames per step as the reference trace recorded before the engine
 was split into model-free seams (tests/data/sparse4d_small_trace.json, 1 worker, batch 2, 6 steps)."""
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,42 @@ import pytest
 from raydrive.train import build_parser, resolve_config, run
 
 TRACE = Path(__file__).parent / "data" / "sparse4d_small_trace.json"
-TINY = ["model.num_anchor=48", "model.num_temp_instances=24", "model.num_learnable_pts=2", "model.num_dn_groups=1",
-        "model.decode_top_k=48", "data.cpus_per_task=0.25", "run.log_every=1"]  # fmt: skip
+TINY = [
+    "model.num_anchor=48",
+    "model.num_temp_instances=24",
+    "model.num_learnable_pts=2",
+    "model.num_dn_groups=1",
+    "model.decode_top_k=48",
+    "data.cpus_per_task=0.25",
+    "run.log_every=1",
+]
 
 
 @pytest.mark.slow
 def test_sparse4d_small_matches_the_reference_trace(prepared, synth_root, ray_local, tmp_path):
-    argv = ["sparse4d", "--preset", "small", "--prepared", str(prepared), "--dataroot", str(synth_root),
-            "--storage-path", str(tmp_path), "--name", "trace", "--batch-size", "2", "--num-workers", "1", "--no-eval",
-            "--max-steps", "6", "run.checkpoint_every=100", "run.evaluate_before=false", *TINY]  # fmt: skip
+    argv = [
+        "sparse4d",
+        "--preset",
+        "small",
+        "--prepared",
+        str(prepared),
+        "--dataroot",
+        str(synth_root),
+        "--storage-path",
+        str(tmp_path),
+        "--name",
+        "trace",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "1",
+        "--no-eval",
+        "--max-steps",
+        "6",
+        "run.checkpoint_every=100",
+        "run.evaluate_before=false",
+        *TINY,
+    ]
     result = run(resolve_config(build_parser().parse_intermixed_args(argv)))
     assert result.error is None, result.error
     got = {h["step"]: h for h in result.metrics["history"]}

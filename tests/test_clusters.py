@@ -1,4 +1,5 @@
 """Cluster configurations: launcher YAMLs validate against Ray's own schema; KubeRay manifests are well formed."""
+
 from __future__ import annotations
 
 import json
@@ -46,13 +47,22 @@ def test_gpu_config_autoscales_with_a_cpu_data_node_type():
     cfg = load("gpu-aws-autoscaling.yaml")
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types and cfg["idle_timeout_minutes"] > 0
-    assert types["gpu_worker"]["resources"]["GPU"] > 0 and types["gpu_worker"]["max_workers"] > types["gpu_worker"]["min_workers"]
-    assert types["cpu_data_worker"]["labels"] == {"ray-subcluster": "data"} and "GPU" not in types["cpu_data_worker"]["resources"]
+    assert (
+        types["gpu_worker"]["resources"]["GPU"] > 0
+        and types["gpu_worker"]["max_workers"] > types["gpu_worker"]["min_workers"]
+    )
+    assert (
+        types["cpu_data_worker"]["labels"] == {"ray-subcluster": "data"}
+        and "GPU" not in types["cpu_data_worker"]["resources"]
+    )
 
 
 def _ascend_groups(spec: dict) -> list[dict]:
-    return [g for g in spec["workerGroupSpecs"] if any("huawei.com/Ascend910" in c["resources"].get("limits", {})
-                                                       for c in g["template"]["spec"]["containers"])]  # fmt: skip
+    return [
+        g
+        for g in spec["workerGroupSpecs"]
+        if any("huawei.com/Ascend910" in c["resources"].get("limits", {}) for c in g["template"]["spec"]["containers"])
+    ]
 
 
 @pytest.mark.parametrize("name,kind", [("kuberay-raycluster.yaml", "RayCluster"), ("kuberay-rayjob.yaml", "RayJob")])

@@ -1,4 +1,5 @@
 """Config resolution: presets, flags, typed key=value overrides, clear errors for bad keys."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,12 +20,23 @@ def test_presets_and_flags():
     assert full.preset == "full" and full.model.num_anchor == 900 and full.run.batch_size == 6
     assert full.optim.lr_mults == {"img_backbone": 0.5} and full.data.skip_prob == 0.5
     flagged = cfg_for("--num-workers", "4", "--batch-size", "3", "--name", "r1", "--no-eval", "--precision", "bf16")
-    assert (flagged.run.num_workers, flagged.run.batch_size, flagged.run.name, flagged.run.evaluate) == (4, 3, "r1", False)
+    assert (flagged.run.num_workers, flagged.run.batch_size, flagged.run.name, flagged.run.evaluate) == (
+        4,
+        3,
+        "r1",
+        False,
+    )
 
 
 def test_overrides_are_typed():
-    cfg = cfg_for("optim.lr=3e-4", "model.num_anchor=120", "data.bev_rot=(-0.1,0.1)", "run.max_steps=none",
-                  "data.photometric=false", "optim.lr_mults={img_backbone: 0.1}")  # fmt: skip
+    cfg = cfg_for(
+        "optim.lr=3e-4",
+        "model.num_anchor=120",
+        "data.bev_rot=(-0.1,0.1)",
+        "run.max_steps=none",
+        "data.photometric=false",
+        "optim.lr_mults={img_backbone: 0.1}",
+    )
     assert cfg.optim.lr == 3e-4 and cfg.model.num_anchor == 120 and cfg.data.bev_rot == (-0.1, 0.1)
     assert cfg.run.max_steps is None and cfg.data.photometric is False and cfg.optim.lr_mults == {"img_backbone": 0.1}
     assert yaml.safe_load(cfg.to_yaml())["optim"]["lr"] == 3e-4

@@ -1,4 +1,5 @@
 """`raydrive doctor` tells the truth about this machine: CPU only, gloo, a local Ray."""
+
 from __future__ import annotations
 
 from raydrive.cli import main

@@ -1,4 +1,5 @@
 """Engine pieces: LR schedule (mmcv semantics), atomic checkpoints, NaN stop, parameter groups."""
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,9 @@ def test_warmup_then_cosine_like_mmcv():
     cfg = OptimSection(warmup_iters=500, warmup_ratio=1 / 3, min_lr_ratio=1e-3)
     total = 58_600
     assert lr_factor(0, total, cfg) == pytest.approx(1 / 3, rel=1e-3)
-    assert lr_factor(250, total, cfg) == pytest.approx((1 - 0.5 * (2 / 3)) * lr_factor(250, total, OptimSection(warmup_iters=0)))
+    assert lr_factor(250, total, cfg) == pytest.approx(
+        (1 - 0.5 * (2 / 3)) * lr_factor(250, total, OptimSection(warmup_iters=0))
+    )
     assert lr_factor(500, total, cfg) == pytest.approx(0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * 500 / total)))
     assert lr_factor(total, total, cfg) == pytest.approx(1e-3)
     ms = OptimSection(schedule="multistep", milestones=(0.5, 0.9), warmup_iters=0)
@@ -31,7 +34,9 @@ def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
     torch.manual_seed(5)
     rng = ckpt.rng_state()
     expected = torch.rand(3)
-    d = ckpt.save(tmp_path / "c", model.state_dict(), {"optimizer": opt.state_dict(), "step": 7, "rng": [rng]}, {"step": 7})
+    d = ckpt.save(
+        tmp_path / "c", model.state_dict(), {"optimizer": opt.state_dict(), "step": 7, "rng": [rng]}, {"step": 7}
+    )
     assert not (tmp_path / "c.partial").exists()
     m, state, meta = ckpt.load(d)  # torch.load(weights_only=True) inside
     assert meta["step"] == state["step"] == 7 and torch.equal(m["weight"], model.weight)

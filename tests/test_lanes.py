@@ -1,4 +1,5 @@
 """Lane plans: contiguous, ordered, flagged, identical on every worker, different per epoch."""
+
 from __future__ import annotations
 
 import numpy as np

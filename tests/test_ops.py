@@ -1,4 +1,5 @@
 """The deformable aggregation reference against a slow loop with the fused kernel's arithmetic."""
+
 from __future__ import annotations
 
 import torch

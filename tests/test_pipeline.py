@@ -1,4 +1,5 @@
 """The Ray Data pipeline: geometry end to end, and the lane invariants with a real Ray Train job."""
+
 from __future__ import annotations
 
 import json
@@ -65,14 +66,28 @@ def _lane_worker(config):
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    pipe = FramePipeline(PipelineConfig(prepared=config["prepared"], batch_size=2, with_depth=False,
-                                        aug=AugConfig(final_hw=(64, 176)), cpus_per_task=0.5,
-                                        lanes=LaneConfig(seed=7, seq_split_num=2)))  # fmt: skip
+    pipe = FramePipeline(
+        PipelineConfig(
+            prepared=config["prepared"],
+            batch_size=2,
+            with_depth=False,
+            aug=AugConfig(final_hw=(64, 176)),
+            cpus_per_task=0.5,
+            lanes=LaneConfig(seed=7, seq_split_num=2),
+        )
+    )
     seen = []
     for epoch in (0, 1):
         for batch in pipe.batches(epoch, rank, world):
-            seen.append({"epoch": epoch, "step": batch["step"].tolist(), "frame": batch["frame"].tolist(),
-                         "token": batch["token"], "seq_start": batch["seq_start"].tolist()})  # fmt: skip
+            seen.append(
+                {
+                    "epoch": epoch,
+                    "step": batch["step"].tolist(),
+                    "frame": batch["frame"].tolist(),
+                    "token": batch["token"],
+                    "seq_start": batch["seq_start"].tolist(),
+                }
+            )
     with open(f"{config['out']}/rank{rank}.json", "w") as f:
         json.dump(seen, f)
     ray.train.report({"batches": len(seen)})

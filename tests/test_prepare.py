@@ -1,4 +1,5 @@
 """`raydrive prepare`: records match the devkit, files are complete, bad input gets a clear error."""
+
 from __future__ import annotations
 
 import json
@@ -29,14 +30,17 @@ def test_manifest_counts_and_hashes(prepared, records):
             assert sha256_file(path) == f["sha256"] and pq.read_metadata(path).num_rows == f["rows"]
     assert m["depth_gt"]["files"] == 6 * sum(len(v) for v in records.values())
     schema = pq.read_schema(next((prepared / "infos" / "train").glob("*.parquet")))
-    assert str(schema.field("cam_intrinsic").type) == "extension<arrow.fixed_shape_tensor[value_type=double, shape=[6,3,3]]>"
+    assert (
+        str(schema.field("cam_intrinsic").type)
+        == "extension<arrow.fixed_shape_tensor[value_type=double, shape=[6,3,3]]>"
+    )
 
 
 def test_records_match_devkit(nusc, records):
     for rec in records["val"][::4]:
         _, boxes, _ = nusc.get_sample_data(rec["lidar_sample_data_token"])
         assert len(boxes) == len(rec["gt_boxes"])
-        for box, mine, vel, token in zip(boxes, rec["gt_boxes"], rec["gt_velocity"], rec["ann_tokens"]):
+        for box, mine, token in zip(boxes, rec["gt_boxes"], rec["ann_tokens"]):
             assert box.token == token
             np.testing.assert_allclose(mine[:3], box.center, atol=1e-6)
             np.testing.assert_allclose(mine[3:6], box.wlh[[1, 0, 2]], atol=1e-6)
@@ -67,8 +71,9 @@ def test_depth_gt_matches_devkit_projection(nusc, prepared, records):
     rec = records["val"][2]
     for cam in ("CAM_FRONT", "CAM_BACK_LEFT"):
         uvd = read_depth_gt(depth_file(prepared / "depth_gt", rec["cams"][cam]["data_path"]))
-        pts, depth, _ = explorer.map_pointcloud_to_image(rec["lidar_sample_data_token"],
-                                                          rec["cams"][cam]["sample_data_token"], min_dist=0.0)
+        pts, depth, _ = explorer.map_pointcloud_to_image(
+            rec["lidar_sample_data_token"], rec["cams"][cam]["sample_data_token"], min_dist=0.0
+        )
         assert len(uvd) == pts.shape[1] > 100
         np.testing.assert_allclose(uvd[:, 0], pts[0], atol=0.05)  # the devkit works in float32
         np.testing.assert_allclose(uvd[:, 2], depth, atol=0.01)
@@ -80,12 +85,19 @@ def test_anchors(prepared, records):
     assert np.all(anchors[:, 6] == 0) and np.all(anchors[:, 7] == 1) and np.all(anchors[:, 8:] == 0)
     assert np.linalg.norm(anchors[:, :3], axis=1).max() <= 56
     boxes = np.concatenate([r["gt_boxes"] for r in records["train"]])
-    np.testing.assert_allclose(anchors[0, 3:6], np.log(boxes[np.linalg.norm(boxes[:, :3], axis=1) <= 55, 3:6].mean(0)), rtol=1e-5)
+    np.testing.assert_allclose(
+        anchors[0, 3:6], np.log(boxes[np.linalg.norm(boxes[:, :3], axis=1) <= 55, 3:6].mean(0)), rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize("fmt,name", [("sparse4d", "nuscenes_infos_val.pkl"),
-                                      ("streampetr", "nuscenes2d_temporal_infos_val.pkl"),
-                                      ("bevdepth", "nuscenes_infos_val.pkl")])
+@pytest.mark.parametrize(
+    "fmt,name",
+    [
+        ("sparse4d", "nuscenes_infos_val.pkl"),
+        ("streampetr", "nuscenes2d_temporal_infos_val.pkl"),
+        ("bevdepth", "nuscenes_infos_val.pkl"),
+    ],
+)
 def test_pkl_layouts_read_back(prepared, records, synth_root, fmt, name):
     path = prepared / "pkl" / fmt / name
     payload = pickle.loads(path.read_bytes())
@@ -99,8 +111,11 @@ def test_pkl_layouts_read_back(prepared, records, synth_root, fmt, name):
     for a, b in zip(records["val"], back):
         assert a["token"] == b["token"] and a["lidar_path"] == b["lidar_path"]
         np.testing.assert_allclose(a["gt_boxes"], b["gt_boxes"], atol=1e-6)
-        np.testing.assert_allclose(a["cams"]["CAM_FRONT"]["sensor2lidar_translation"],
-                                   b["cams"]["CAM_FRONT"]["sensor2lidar_translation"], atol=1e-6)
+        np.testing.assert_allclose(
+            a["cams"]["CAM_FRONT"]["sensor2lidar_translation"],
+            b["cams"]["CAM_FRONT"]["sensor2lidar_translation"],
+            atol=1e-6,
+        )
         assert a["frame_idx"] == b["frame_idx"]
     assert len({r["scene_token"] for r in back}) == len({r["scene_token"] for r in records["val"]})
 
@@ -153,8 +168,16 @@ def test_unknown_class_names_the_class(broken_root, tmp_path):
 def test_empty_split_is_an_error(tmp_path):
     from raydrive.data.synth import SynthConfig, synthesize
 
-    root = synthesize(SynthConfig(out=str(tmp_path / "r"), scenes=2, samples_per_scene=2, image_width=160,
-                                  image_height=90, show_progress=False))
+    root = synthesize(
+        SynthConfig(
+            out=str(tmp_path / "r"),
+            scenes=2,
+            samples_per_scene=2,
+            image_width=160,
+            image_height=90,
+            show_progress=False,
+        )
+    )
     scenes = json.loads((root / "v1.0-mini" / "scene.json").read_text())
     for s in scenes:
         s["name"] = "scene-0061"  # both scenes claim a train name: the val split is empty

@@ -1,4 +1,5 @@
 """Sparse4D v3: the full preset is the upstream model key for key; the small one trains and decodes."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,10 @@ def test_full_preset_counts_upstream_parameters_and_loads_upstream_state_dict_st
     keys = upstream_keys()
     assert len(keys) == 819
     g = torch.Generator().manual_seed(0)
-    upstream = {k: (torch.randint(0, 5, s, generator=g) if k.endswith("num_batches_tracked")
-                    else torch.randn(s, generator=g)) for k, s in keys.items()}  # fmt: skip
+    upstream = {
+        k: (torch.randint(0, 5, s, generator=g) if k.endswith("num_batches_tracked") else torch.randn(s, generator=g))
+        for k, s in keys.items()
+    }
     result = model.load_state_dict(upstream, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     torch.testing.assert_close(model.head.layers[38].cls_layers[6].bias, upstream["head.layers.38.cls_layers.6.bias"])
@@ -47,12 +50,18 @@ def _batch(cfg: Sparse4DConfig, t: float, seq_start: bool, bs: int = 1) -> dict:
     proj[..., 0, 0] = proj[..., 1, 1] = 100.0
     proj[..., 0, 2], proj[..., 1, 2] = w / 2, h / 2
     return {
-        "img": torch.randn(bs, 6, 3, h, w), "projection_mat": proj, "image_wh": torch.tensor([w, h]).repeat(bs, 6, 1).float(),
-        "focal": torch.full((bs, 6), 100.0), "T_global": torch.eye(4, dtype=torch.float64).repeat(bs, 1, 1),
-        "T_global_inv": torch.eye(4, dtype=torch.float64).repeat(bs, 1, 1), "timestamp": torch.full((bs,), t, dtype=torch.float64),
-        "seq_start": torch.full((bs,), seq_start), "gt_boxes": [torch.tensor([[10.0, 1.0, 0.0, 4.0, 2.0, 1.5, 0.3, 1.0, 0.0]])] * bs,
-        "gt_labels": [torch.tensor([0])] * bs, "depth": [torch.tensor([[0, 10.0, 10.0, 12.0]])] * bs,
-    }  # fmt: skip
+        "img": torch.randn(bs, 6, 3, h, w),
+        "projection_mat": proj,
+        "image_wh": torch.tensor([w, h]).repeat(bs, 6, 1).float(),
+        "focal": torch.full((bs, 6), 100.0),
+        "T_global": torch.eye(4, dtype=torch.float64).repeat(bs, 1, 1),
+        "T_global_inv": torch.eye(4, dtype=torch.float64).repeat(bs, 1, 1),
+        "timestamp": torch.full((bs,), t, dtype=torch.float64),
+        "seq_start": torch.full((bs,), seq_start),
+        "gt_boxes": [torch.tensor([[10.0, 1.0, 0.0, 4.0, 2.0, 1.5, 0.3, 1.0, 0.0]])] * bs,
+        "gt_labels": [torch.tensor([0])] * bs,
+        "depth": [torch.tensor([[0, 10.0, 10.0, 12.0]])] * bs,
+    }
 
 
 def test_small_preset_trains_caches_and_resets_on_sequence_start():
@@ -60,7 +69,9 @@ def test_small_preset_trains_caches_and_resets_on_sequence_start():
     cfg = Sparse4DConfig(**PRESETS["small"])
     model = Sparse4D(cfg, np.random.default_rng(0).normal(size=(900, 11)).astype(np.float32))
     losses = model.forward_train(_batch(cfg, 0.0, True))
-    assert all(torch.isfinite(v) for v in losses.values()) and "loss_dense_depth" in losses and "loss_cls_dn_0" in losses
+    assert (
+        all(torch.isfinite(v) for v in losses.values()) and "loss_dense_depth" in losses and "loss_cls_dn_0" in losses
+    )
     sum(losses.values()).backward()
     assert model.head.instance_bank.anchor.grad.abs().sum() > 0
     bank = model.head.instance_bank

@@ -1,4 +1,5 @@
 """The synthetic tree is a real nuScenes v1.0-mini tree, and its sensors agree with its annotations."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,21 @@ from raydrive.data import geometry as geo
 from raydrive.data.constants import CAMERAS, CATEGORY_TO_CLASS, CLASSES, LIDAR, attribute_for
 from raydrive.data.synth import CLASS_COLOR
 
-TABLES = ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "log", "map", "sample",
-          "sample_annotation", "sample_data", "scene", "sensor", "visibility")  # fmt: skip
+TABLES = (
+    "attribute",
+    "calibrated_sensor",
+    "category",
+    "ego_pose",
+    "instance",
+    "log",
+    "map",
+    "sample",
+    "sample_annotation",
+    "sample_data",
+    "scene",
+    "sensor",
+    "visibility",
+)
 
 
 def test_devkit_loads_all_tables_and_splits(nusc, synth_root):
@@ -71,7 +85,9 @@ def test_num_lidar_pts_counts_points_on_each_box(nusc, synth_root):
     pts = np.fromfile(synth_root / sd["filename"], dtype=np.float32).reshape(-1, 5)
     cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
     pose = nusc.get("ego_pose", sd["ego_pose_token"])
-    l2g = geo.transform(np.array(pose["rotation"]), pose["translation"]) @ geo.transform(np.array(cs["rotation"]), cs["translation"])
+    l2g = geo.transform(np.array(pose["rotation"]), pose["translation"]) @ geo.transform(
+        np.array(cs["rotation"]), cs["translation"]
+    )
     pts_g = geo.apply(l2g, pts[:, :3].astype(np.float64))
     assert np.abs(pts_g[pts[:, 3] < 20, 2]).max() < 1e-3  # low-intensity points lie on the ground
     anns = [nusc.get("sample_annotation", t) for t in sample["anns"]]
@@ -118,7 +134,23 @@ def test_synth_cli_and_bad_sizes(tmp_path):
     from raydrive.cli import main
     from raydrive.data.synth import SynthConfig
 
-    assert main(["synth", str(tmp_path / "t"), "--scenes", "2", "--samples-per-scene", "2", "--width", "320", "--height", "180"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                str(tmp_path / "t"),
+                "--scenes",
+                "2",
+                "--samples-per-scene",
+                "2",
+                "--width",
+                "320",
+                "--height",
+                "180",
+            ]
+        )
+        == 0
+    )
     scenes = json.loads((tmp_path / "t" / "v1.0-mini" / "scene.json").read_text())
     assert len(scenes) == 2
     with pytest.raises(ValueError, match="--scenes"):

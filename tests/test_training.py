@@ -1,18 +1,45 @@
 """Training end to end through the real driver and Ray Train on a local Ray (slow tests, few)."""
+
 from __future__ import annotations
 
 import pytest
 
 from raydrive.train import build_parser, resolve_config, run
 
-TINY = ["model.num_anchor=48", "model.num_temp_instances=24", "model.num_learnable_pts=2", "model.num_dn_groups=1",
-        "model.decode_top_k=48", "data.cpus_per_task=0.25", "run.log_every=1"]  # fmt: skip
+TINY = [
+    "model.num_anchor=48",
+    "model.num_temp_instances=24",
+    "model.num_learnable_pts=2",
+    "model.num_dn_groups=1",
+    "model.decode_top_k=48",
+    "data.cpus_per_task=0.25",
+    "run.log_every=1",
+]
 
 
 def train(prepared, synth_root, storage, name, *extra):
-    argv = ["sparse4d", "--preset", "small", "--prepared", str(prepared), "--dataroot", str(synth_root),
-            "--storage-path", str(storage), "--name", name, "--batch-size", "1", "--no-eval", "--max-steps", "6",
-            "run.checkpoint_every=2", "run.keep_checkpoints=10", *TINY, *extra]  # fmt: skip
+    argv = [
+        "sparse4d",
+        "--preset",
+        "small",
+        "--prepared",
+        str(prepared),
+        "--dataroot",
+        str(synth_root),
+        "--storage-path",
+        str(storage),
+        "--name",
+        name,
+        "--batch-size",
+        "1",
+        "--no-eval",
+        "--max-steps",
+        "6",
+        "run.checkpoint_every=2",
+        "run.keep_checkpoints=10",
+        *TINY,
+        *extra,
+    ]
     cfg = resolve_config(build_parser().parse_intermixed_args(argv))
     result = run(cfg)
     assert result.error is None, result.error
@@ -92,8 +119,21 @@ def test_live_metrics_reach_the_nodes_prometheus_export(prepared, synth_root, ra
 
     port = ray_local._private.worker._global_node.metrics_export_port
     done = {}
-    thread = threading.Thread(target=lambda: done.update(r=train(prepared, synth_root, tmp_path, "live", "--num-workers", "2",
-                                                                  "--max-steps", "40", "run.checkpoint_every=100")))  # fmt: skip
+    thread = threading.Thread(
+        target=lambda: done.update(
+            r=train(
+                prepared,
+                synth_root,
+                tmp_path,
+                "live",
+                "--num-workers",
+                "2",
+                "--max-steps",
+                "40",
+                "run.checkpoint_every=100",
+            )
+        )
+    )
     thread.start()
     seen: dict = {}
     deadline = time.time() + 240
@@ -106,8 +146,15 @@ def test_live_metrics_reach_the_nodes_prometheus_export(prepared, synth_root, ra
     thread.join()
     assert done["r"][0].error is None
     live = {name: [(t, v) for t, v in series if t.get("run") == "live"] for name, series in seen.items()}
-    for name in ("ray_raydrive_loss", "ray_raydrive_lr", "ray_raydrive_samples_per_s", "ray_raydrive_step_time_s",
-                 "ray_raydrive_data_wait_s", "ray_raydrive_data_wait_fraction", "ray_raydrive_memory_bytes"):  # fmt: skip
+    for name in (
+        "ray_raydrive_loss",
+        "ray_raydrive_lr",
+        "ray_raydrive_samples_per_s",
+        "ray_raydrive_step_time_s",
+        "ray_raydrive_data_wait_s",
+        "ray_raydrive_data_wait_fraction",
+        "ray_raydrive_memory_bytes",
+    ):
         assert live.get(name), f"{name} not exported"
     terms = {t["term"] for t, _ in live["ray_raydrive_loss"]}
     assert {"total", "loss_cls_0", "loss_dense_depth"} <= terms
@@ -144,11 +191,25 @@ def test_ray_job_submit_runs_on_the_cluster_it_was_submitted_to(prepared, synth_
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     gcs, dash = _free_port(), _free_port()
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-         f"--metrics-export-port={_free_port()}", "--num-cpus=4", "--include-dashboard=true"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         client = None
         for _ in range(90):
@@ -158,9 +219,21 @@ def test_ray_job_submit_runs_on_the_cluster_it_was_submitted_to(prepared, synth_
             except Exception:
                 time.sleep(1)
         assert client is not None, "the head's job server did not come up"
-        entry = " ".join(["python -m raydrive.train sparse4d --preset small", f"--prepared {prepared}", f"--dataroot {synth_root}",
-                          f"--storage-path {tmp_path}", "--name job", "--num-workers 2", "--batch-size 1", "--max-steps 2",
-                          "--no-eval", "run.checkpoint_every=2", *TINY])  # fmt: skip
+        entry = " ".join(
+            [
+                "python -m raydrive.train sparse4d --preset small",
+                f"--prepared {prepared}",
+                f"--dataroot {synth_root}",
+                f"--storage-path {tmp_path}",
+                "--name job",
+                "--num-workers 2",
+                "--batch-size 1",
+                "--max-steps 2",
+                "--no-eval",
+                "run.checkpoint_every=2",
+                *TINY,
+            ]
+        )
         job = client.submit_job(entrypoint=entry, runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})
         deadline = time.time() + 420
         while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -200,9 +273,23 @@ def test_killed_worker_restarts_the_group_from_the_latest_checkpoint(prepared, s
     from raydrive.engine import checkpoint as ckpt
 
     out = {}
-    thread = threading.Thread(target=lambda: out.update(r=train(
-        prepared, synth_root, tmp_path, "kill", "--num-workers", "2", "--max-steps", "12", "--max-failures", "2",
-        "run.checkpoint_every=3")))  # fmt: skip
+    thread = threading.Thread(
+        target=lambda: out.update(
+            r=train(
+                prepared,
+                synth_root,
+                tmp_path,
+                "kill",
+                "--num-workers",
+                "2",
+                "--max-steps",
+                "12",
+                "--max-failures",
+                "2",
+                "run.checkpoint_every=3",
+            )
+        )
+    )
     thread.start()
     killed = None
     deadline = time.time() + 300

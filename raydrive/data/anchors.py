@@ -3,6 +3,7 @@
 K-means with K=900 on the centres of all train boxes within 55 m; each anchor row is
 [x, y, z, log mean l, log mean w, log mean h, sin 0, cos 1, vx 0, vy 0, vz 0] (11 values).
 """
+
 from __future__ import annotations
 
 import warnings

@@ -10,6 +10,7 @@ from the sequence's `aug_seed`, so every frame of a sequence gets the same geome
 BEV augmentation rotates (and optionally scales and flips) boxes and velocities by B; the projection
 matrices and lidar2global are right-multiplied by B^-1 so that the scene is unchanged for the camera.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,7 @@ class AugConfig:
     photometric: bool = True
     train: bool = True
 
-    def evaluation(self) -> "AugConfig":
+    def evaluation(self) -> AugConfig:
         """The deterministic test-time version of this config."""
         return AugConfig(final_hw=self.final_hw, bot_pct_lim=self.bot_pct_lim, train=False, photometric=False)
 
@@ -66,7 +67,9 @@ def draw_image_aug(cfg: AugConfig, width: int, height: int, rng: np.random.Gener
         crop_h = int((1 - np.mean(cfg.bot_pct_lim)) * new_h) - fh
         crop_w = int(max(0, new_w - fw) / 2)
         flip, rotate = False, 0.0
-    return ImageAug((new_w / width, new_h / height), (new_w, new_h), (crop_w, crop_h, crop_w + fw, crop_h + fh), flip, rotate)
+    return ImageAug(
+        (new_w / width, new_h / height), (new_w, new_h), (crop_w, crop_h, crop_w + fw, crop_h + fh), flip, rotate
+    )
 
 
 def ida_matrix(aug: ImageAug) -> np.ndarray:
@@ -81,7 +84,12 @@ def ida_matrix(aug: ImageAug) -> np.ndarray:
         c, s = math.cos(t), math.sin(t)
         cx, cy = fw / 2, fh / 2
         rot = np.array([[c, s, 0], [-s, c, 0], [0, 0, 1.0]])  # PIL's counter-clockwise rotation in pixel coords
-        m = np.array([[1, 0, cx], [0, 1, cy], [0, 0, 1.0]]) @ rot @ np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1.0]]) @ m
+        m = (
+            np.array([[1, 0, cx], [0, 1, cy], [0, 0, 1.0]])
+            @ rot
+            @ np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1.0]])
+            @ m
+        )
     return m
 
 

@@ -3,6 +3,7 @@
 Camera order and class order follow the upstream converters (Sparse4D, StreamPETR, BEVDepth all use
 the same six-camera order and the same ten detection classes).
 """
+
 from __future__ import annotations
 
 CAMERAS: tuple[str, ...] = (
@@ -138,8 +139,6 @@ def split_scene_names(version: str) -> dict[str, list[str]]:
     from nuscenes.utils.splits import create_splits_scenes
 
     if version not in VERSION_SPLITS:
-        raise ValueError(
-            f"unknown nuScenes version {version!r}; expected one of {sorted(VERSION_SPLITS)}"
-        )
+        raise ValueError(f"unknown nuScenes version {version!r}; expected one of {sorted(VERSION_SPLITS)}")
     devkit = create_splits_scenes(verbose=False)
     return {ours: list(devkit[theirs]) for ours, theirs in VERSION_SPLITS[version].items()}

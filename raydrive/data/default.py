@@ -1,4 +1,5 @@
 """The embedded default: a synthetic nuScenes set in a cache folder, prepared once and reused."""
+
 from __future__ import annotations
 
 import shutil

@@ -5,6 +5,7 @@ ego(t_cam) -> camera -> pixels; points with depth > 0 and 1 < u < W-1, 1 < v < H
 written as float32 (u, v, depth) rows to `depth_gt/<image file name>.bin` (BEVDepth
 `scripts/gen_depth_gt.py`, restored by the DrivingSDK patch).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,9 @@ def load_points(path: Path) -> np.ndarray:
     """nuScenes `.pcd.bin`: float32 rows of (x, y, z, intensity, ring)."""
     raw = np.fromfile(path, dtype=np.float32)
     if raw.size % 5:
-        raise DataError(f"lidar file {path} has {raw.size} floats, not a multiple of 5: it is truncated or not a nuScenes .pcd.bin")
+        raise DataError(
+            f"lidar file {path} has {raw.size} floats, not a multiple of 5: it is truncated or not a nuScenes .pcd.bin"
+        )
     return raw.reshape(-1, 5)
 
 

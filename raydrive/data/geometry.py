@@ -2,6 +2,7 @@
 
 A transform "a2b" maps points from frame a into frame b: p_b = R @ p_a + t.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -86,9 +87,7 @@ def box_corners(center, lwh, yaw) -> np.ndarray:
     sx = np.array([1, -1, -1, 1, 1, -1, -1, 1]) * 0.5
     sy = np.array([1, 1, -1, -1, 1, 1, -1, -1]) * 0.5
     sz = np.array([-1, -1, -1, -1, 1, 1, 1, 1]) * 0.5
-    local = np.stack(
-        [sx[None] * lwh[:, 0:1], sy[None] * lwh[:, 1:2], sz[None] * lwh[:, 2:3]], axis=-1
-    )
+    local = np.stack([sx[None] * lwh[:, 0:1], sy[None] * lwh[:, 1:2], sz[None] * lwh[:, 2:3]], axis=-1)
     c, s = np.cos(yaw)[:, None], np.sin(yaw)[:, None]
     x = local[..., 0] * c - local[..., 1] * s
     y = local[..., 0] * s + local[..., 1] * c

@@ -20,6 +20,7 @@ A record is a plain dict of numpy arrays and strings. Field names follow the ups
 SparseDrive's extras (map vectors, future trajectories, ego status) are added as more fields later;
 the parquet schema carries a version so readers can tell.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,17 @@ from raydrive.data.constants import CAMERAS, CATEGORY_TO_CLASS, CLASSES, KNOWN_C
 
 # StreamPETR's converter labels its 2D boxes in this order, unlike the 3D class order. Kept as upstream.
 CLASSES_2D: tuple[str, ...] = (
-    "car", "truck", "trailer", "bus", "construction_vehicle",
-    "bicycle", "motorcycle", "pedestrian", "traffic_cone", "barrier",
-)  # fmt: skip
+    "car",
+    "truck",
+    "trailer",
+    "bus",
+    "construction_vehicle",
+    "bicycle",
+    "motorcycle",
+    "pedestrian",
+    "traffic_cone",
+    "barrier",
+)
 
 
 class DataError(ValueError):

@@ -18,6 +18,7 @@ The plan is a pure function of (frames, seed, epoch, world_size, batch_size): ev
 the same one and takes its own rows, so no coordination is needed and resuming at (epoch, step)
 only slices it. Models without temporal state get a seeded permutation dealt out the same way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

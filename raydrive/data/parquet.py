@@ -5,6 +5,7 @@ proper (N, ...) numpy arrays; per-box fields are lists of fixed-size lists (ragg
 inside). Per-camera fields are stacked in CAMERAS order under a `cam_` prefix. A split is written
 as several `part-*.parquet` files so that a cluster can read them in parallel.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,9 +32,13 @@ class Col:
 
 
 _SWEEP_FIELDS = (
-    ("sensor2lidar_rotation", 9), ("sensor2lidar_translation", 3), ("sensor2ego_translation", 3),
-    ("sensor2ego_rotation", 4), ("ego2global_translation", 3), ("ego2global_rotation", 4),
-)  # fmt: skip
+    ("sensor2lidar_rotation", 9),
+    ("sensor2lidar_translation", 3),
+    ("sensor2ego_translation", 3),
+    ("sensor2ego_rotation", 4),
+    ("ego2global_translation", 3),
+    ("ego2global_rotation", 4),
+)
 
 COLUMNS: tuple[Col, ...] = (
     Col("token", "scalar", "string"),
@@ -159,13 +164,19 @@ def records_to_table(records: list[dict]) -> pa.Table:
         elif col.kind == "sweeps":
             rows = [
                 [
-                    {"data_path": s["data_path"], "sample_data_token": s["sample_data_token"],
-                     "timestamp": int(s["timestamp"]),
-                     **{name: np.asarray(s[name], dtype=np.float64).reshape(-1).tolist() for name, _ in _SWEEP_FIELDS}}
+                    {
+                        "data_path": s["data_path"],
+                        "sample_data_token": s["sample_data_token"],
+                        "timestamp": int(s["timestamp"]),
+                        **{
+                            name: np.asarray(s[name], dtype=np.float64).reshape(-1).tolist()
+                            for name, _ in _SWEEP_FIELDS
+                        },
+                    }
                     for s in r["sweeps"]
                 ]
                 for r in records
-            ]  # fmt: skip
+            ]
             arrays.append(pa.array(rows, type=typ))
     return pa.Table.from_arrays(arrays, schema=schema())
 
@@ -211,8 +222,12 @@ def table_to_records(table: pa.Table) -> list[dict]:
             for row in data.to_pylist():
                 sweeps = []
                 for s in row:
-                    e = {"data_path": s["data_path"], "type": "LIDAR_TOP", "sample_data_token": s["sample_data_token"],
-                         "timestamp": s["timestamp"]}  # fmt: skip
+                    e = {
+                        "data_path": s["data_path"],
+                        "type": "LIDAR_TOP",
+                        "sample_data_token": s["sample_data_token"],
+                        "timestamp": s["timestamp"],
+                    }
                     for fname, size in _SWEEP_FIELDS:
                         e[fname] = np.array(s[fname]).reshape(3, 3) if size == 9 else np.array(s[fname])
                     sweeps.append(e)

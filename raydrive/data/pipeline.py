@@ -9,9 +9,10 @@ Design
    blocks of a few steps each and hands them to `ray.data.from_arrow`. Per-frame work is a
    `map_batches` task per block (at most `max_tasks` in flight per worker, so that decoding does not
    starve training on small machines; several epochs share one dataset, because Ray Data's executor
-   runs inside the training process and costs it time per block and per dataset): JPEG decode, resize/crop/flip/rotate folded into the projection matrices, photometric
-   distortion, normalisation, BEV augmentation of boxes, depth points moved into the augmented
-   image. These tasks are ordinary Ray tasks: on a cluster they run on any node with CPUs (the
+   runs inside the training process and costs it time per block and per dataset): JPEG decode,
+   resize/crop/flip/rotate folded into the projection matrices, photometric distortion,
+   normalisation, BEV augmentation of boxes, depth points moved into the augmented image.
+   These tasks are ordinary Ray tasks: on a cluster they run on any node with CPUs (the
    image paths must be visible there, as with any shared nuScenes tree).
 3. `preserve_order` keeps the planned order through the parallel tasks, and `collate` checks it
    anyway (step and slot columns) and raises instead of silently feeding a temporal model frames
@@ -19,6 +20,7 @@ Design
 
 `streaming_split` is not used: it gives no ordering guarantee, which temporal models need.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -48,11 +50,26 @@ from raydrive.data.prepare import load_manifest
 
 # Columns the frame loader needs; the rest of the record stays in parquet.
 LOADER_COLUMNS = (
-    "token", "scene_token", "timestamp", "lidar2ego_translation", "lidar2ego_rotation",
-    "ego2global_translation", "ego2global_rotation", "cam_data_path", "cam_width", "cam_height",
-    "cam_intrinsic", "cam_sensor2lidar_rotation", "cam_sensor2lidar_translation", "gt_boxes", "gt_names",
-    "gt_velocity", "num_lidar_pts", "num_radar_pts", "instance_inds",
-)  # fmt: skip
+    "token",
+    "scene_token",
+    "timestamp",
+    "lidar2ego_translation",
+    "lidar2ego_rotation",
+    "ego2global_translation",
+    "ego2global_rotation",
+    "cam_data_path",
+    "cam_width",
+    "cam_height",
+    "cam_intrinsic",
+    "cam_sensor2lidar_rotation",
+    "cam_sensor2lidar_translation",
+    "gt_boxes",
+    "gt_names",
+    "gt_velocity",
+    "num_lidar_pts",
+    "num_radar_pts",
+    "instance_inds",
+)
 
 
 @dataclass
@@ -128,13 +145,23 @@ class FramePipeline:
     def eval_rows(self, rank: int, world_size: int) -> pa.Table:
         """Every frame exactly once for evaluation: scene k goes to rank k % world_size, frames in time
         order, one slot, a sequence start on each scene's first frame."""
-        frames = [c for k, c in enumerate(scene_chunks(self.table.column("scene_token").to_pylist(),
-                                                       self.table.column("timestamp").to_numpy(), 1))
-                  if k % world_size == rank]  # fmt: skip
+        frames = [
+            c
+            for k, c in enumerate(
+                scene_chunks(self.table.column("scene_token").to_pylist(), self.table.column("timestamp").to_numpy(), 1)
+            )
+            if k % world_size == rank
+        ]
         idx = np.concatenate(frames) if frames else np.zeros(0, dtype=np.int64)
         starts = np.concatenate([np.arange(len(c)) == 0 for c in frames]) if frames else np.zeros(0, dtype=bool)
-        plan_rows = {"frame": idx, "seq_start": starts, "seq_id": np.cumsum(starts), "aug_seed": np.zeros(len(idx), np.int64),
-                     "step": np.arange(len(idx)), "slot": np.zeros(len(idx), np.int64)}  # fmt: skip
+        plan_rows = {
+            "frame": idx,
+            "seq_start": starts,
+            "seq_id": np.cumsum(starts),
+            "aug_seed": np.zeros(len(idx), np.int64),
+            "step": np.arange(len(idx)),
+            "slot": np.zeros(len(idx), np.int64),
+        }
         return self._with_plan(plan_rows, epoch=0)
 
     def _with_plan(self, plan_rows: dict[str, np.ndarray], epoch: int) -> pa.Table:
@@ -191,8 +218,9 @@ class FramePipeline:
 
     def _iterate(self, ds, batch_size: int, rows: pa.Table) -> Iterator[dict]:
         expected = rows.column("step").to_numpy()[::batch_size]
-        for i, batch in enumerate(ds.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                                  prefetch_batches=self.cfg.prefetch_batches)):  # fmt: skip
+        for i, batch in enumerate(
+            ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=self.cfg.prefetch_batches)
+        ):
             yield collate(batch, expected_step=int(expected[i]))
 
 
@@ -205,8 +233,9 @@ def arrow_to_numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
             out[name] = col.to_numpy_ndarray()
         elif pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type):
             obj = np.empty(len(col), dtype=object)
-            obj[:] = [np.array(v, dtype=object if pa.types.is_string(col.type.value_type) else None)
-                      for v in col.to_pylist()]  # fmt: skip
+            obj[:] = [
+                np.array(v, dtype=object if pa.types.is_string(col.type.value_type) else None) for v in col.to_pylist()
+            ]
             out[name] = obj
         else:
             out[name] = col.to_numpy(zero_copy_only=False)
@@ -224,9 +253,22 @@ def load_frames(batch: dict[str, np.ndarray], cfg: LoaderConfig) -> dict[str, np
 
     n = len(batch["token"])
     fh, fw = cfg.aug.final_hw
-    out: dict[str, list] = {k: [] for k in (
-        "img", "projection_mat", "image_wh", "focal", "T_global", "T_global_inv", "timestamp",
-        "gt_boxes", "gt_labels", "instance_ids", "depth")}  # fmt: skip
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "img",
+            "projection_mat",
+            "image_wh",
+            "focal",
+            "T_global",
+            "T_global_inv",
+            "timestamp",
+            "gt_boxes",
+            "gt_labels",
+            "instance_ids",
+            "depth",
+        )
+    }
     for i in range(n):
         seed = int(batch["aug_seed"][i])
         rng_geo = np.random.default_rng(seed)
@@ -243,16 +285,20 @@ def load_frames(batch: dict[str, np.ndarray], cfg: LoaderConfig) -> dict[str, np
             try:
                 with Image.open(path) as im:
                     if im.size != (int(widths[c]), int(heights[c])):
-                        raise DataError(f"image {path} is {im.size[0]}x{im.size[1]}, its info record says "
-                                        f"{int(widths[c])}x{int(heights[c])}; re-run `raydrive prepare`")  # fmt: skip
+                        raise DataError(
+                            f"image {path} is {im.size[0]}x{im.size[1]}, its info record says "
+                            f"{int(widths[c])}x{int(heights[c])}; re-run `raydrive prepare`"
+                        )
                     # let libjpeg decode at a reduced DCT scale that is still >= the resize target: several
                     # times cheaper at 256x704 from 1600x900; the resize below targets absolute dimensions,
                     # so the augmentation matrix (in original pixels) is unchanged
                     im.draft("RGB", img_aug.resize_dims)
                     pixels = np.asarray(apply_image_aug(im.convert("RGB"), img_aug))
             except FileNotFoundError:
-                raise DataError(f"missing image {path} (sample {batch['token'][i]}); "
-                                f"check --dataroot or the mount of the nuScenes tree on this node") from None  # fmt: skip
+                raise DataError(
+                    f"missing image {path} (sample {batch['token'][i]}); "
+                    f"check --dataroot or the mount of the nuScenes tree on this node"
+                ) from None
             except OSError as e:
                 raise DataError(f"cannot decode image {path} (sample {batch['token'][i]}): {e}") from None
             if cfg.aug.train and cfg.aug.photometric:
@@ -268,14 +314,25 @@ def load_frames(batch: dict[str, np.ndarray], cfg: LoaderConfig) -> dict[str, np
                 uv = uvd[:, :2] @ ida[:2, :2].T + ida[:2, 2]
                 keep = (uv[:, 0] >= 0) & (uv[:, 0] < fw) & (uv[:, 1] >= 0) & (uv[:, 1] < fh)
                 depth_rows.append(np.concatenate([np.full((keep.sum(), 1), c), uv[keep], uvd[keep, 2:3]], 1))
-        l2g = geo.lidar_to_global({k: batch[k][i] for k in ("ego2global_rotation", "ego2global_translation",
-                                                           "lidar2ego_rotation", "lidar2ego_translation")})  # fmt: skip
+        l2g = geo.lidar_to_global(
+            {
+                k: batch[k][i]
+                for k in (
+                    "ego2global_rotation",
+                    "ego2global_translation",
+                    "lidar2ego_rotation",
+                    "lidar2ego_translation",
+                )
+            }
+        )
         boxes = _stack_ragged(batch["gt_boxes"][i], (7,), np.float64)
         vel = np.nan_to_num(_stack_ragged(batch["gt_velocity"][i], (2,), np.float64))
         names = np.array([str(x) for x in batch["gt_names"][i]], dtype=object)
         keep = np.isin(names, CLASSES) & (np.linalg.norm(boxes[:, :2], axis=1) <= cfg.max_range)
         if cfg.only_valid:
-            pts = _stack_ragged(batch["num_lidar_pts"][i], (), np.int64) + _stack_ragged(batch["num_radar_pts"][i], (), np.int64)
+            pts = _stack_ragged(batch["num_lidar_pts"][i], (), np.int64) + _stack_ragged(
+                batch["num_radar_pts"][i], (), np.int64
+            )
             keep &= pts > 0
         boxes9 = apply_bev_aug(np.concatenate([boxes, vel], axis=1)[keep], bev)
         out["img"].append(np.stack(imgs))
@@ -288,9 +345,13 @@ def load_frames(batch: dict[str, np.ndarray], cfg: LoaderConfig) -> dict[str, np
         out["gt_boxes"].append(boxes9.astype(np.float32))
         out["gt_labels"].append(np.array([CLASSES.index(x) for x in names[keep]], dtype=np.int64))
         out["instance_ids"].append(_stack_ragged(batch["instance_inds"][i], (), np.int64)[keep])
-        out["depth"].append(np.concatenate(depth_rows).astype(np.float32) if depth_rows else np.zeros((0, 4), np.float32))
-    result = {k: np.stack(v) if k not in ("gt_boxes", "gt_labels", "instance_ids", "depth") else _ragged(v)
-              for k, v in out.items()}  # fmt: skip
+        out["depth"].append(
+            np.concatenate(depth_rows).astype(np.float32) if depth_rows else np.zeros((0, 4), np.float32)
+        )
+    result = {
+        k: np.stack(v) if k not in ("gt_boxes", "gt_labels", "instance_ids", "depth") else _ragged(v)
+        for k, v in out.items()
+    }
     for k in ("token", "scene_token", "seq_start", "seq_id", "step", "slot", "frame", "epoch"):
         result[k] = np.asarray(batch[k])
     return result
@@ -315,8 +376,10 @@ def collate(batch: dict[str, np.ndarray], expected_step: int | None = None) -> d
     import torch
 
     steps, slots = np.asarray(batch["step"]), np.asarray(batch["slot"])
-    if len(set(steps.tolist())) != 1 or slots.tolist() != list(range(len(slots))) or (
-        expected_step is not None and int(steps[0]) != expected_step
+    if (
+        len(set(steps.tolist())) != 1
+        or slots.tolist() != list(range(len(slots)))
+        or (expected_step is not None and int(steps[0]) != expected_step)
     ):
         raise RuntimeError(
             f"Ray Data delivered frames out of plan order (steps {steps.tolist()}, slots {slots.tolist()}, "

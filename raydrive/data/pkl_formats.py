@@ -10,6 +10,7 @@
   Calibration and ego-pose records carry their values; their tokens are not kept by raydrive and are
   written empty.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,9 +29,19 @@ FILE_NAMES = {
     "streampetr": "nuscenes2d_temporal_infos_{split}.pkl",
     "bevdepth": "nuscenes_infos_{split}.pkl",
 }
-_CAM_KEYS = ("data_path", "type", "sample_data_token", "sensor2ego_translation", "sensor2ego_rotation",
-             "ego2global_translation", "ego2global_rotation", "timestamp", "sensor2lidar_rotation",
-             "sensor2lidar_translation", "cam_intrinsic")  # fmt: skip
+_CAM_KEYS = (
+    "data_path",
+    "type",
+    "sample_data_token",
+    "sensor2ego_translation",
+    "sensor2ego_rotation",
+    "ego2global_translation",
+    "ego2global_rotation",
+    "timestamp",
+    "sensor2lidar_rotation",
+    "sensor2lidar_translation",
+    "cam_intrinsic",
+)
 _SWEEP_KEYS = _CAM_KEYS[:-1]
 
 
@@ -67,7 +78,9 @@ def _mmdet3d_info(rec: dict, dataroot: str) -> dict:
 def _streampetr_info(rec: dict, dataroot: str) -> dict:
     info = _mmdet3d_info(rec, dataroot)
     info.update(scene_token=rec["scene_token"], prev=rec["prev"], next=rec["next"], frame_idx=rec["frame_idx"])
-    per_cam = {k: [] for k in ("bboxes2d", "labels2d", "centers2d", "depths", "bboxes_ignore", "visibilities", "bboxes3d_cams")}
+    per_cam = {
+        k: [] for k in ("bboxes2d", "labels2d", "centers2d", "depths", "bboxes_ignore", "visibilities", "bboxes3d_cams")
+    }
     for ci in range(len(CAMERAS)):
         m = rec["ann2d_cam"] == ci
         per_cam["bboxes2d"].append(rec["ann2d_bbox"][m].astype(np.float32))
@@ -85,36 +98,54 @@ def _bevdepth_info(rec: dict) -> dict:
     def sensor_info(entry: dict, is_cam: bool) -> dict:
         out = {
             "sample_token": rec["token"],
-            "ego_pose": {"token": "", "timestamp": entry["timestamp"],
-                         "rotation": list(map(float, entry["ego2global_rotation"])),
-                         "translation": list(map(float, entry["ego2global_translation"]))},
+            "ego_pose": {
+                "token": "",
+                "timestamp": entry["timestamp"],
+                "rotation": list(map(float, entry["ego2global_rotation"])),
+                "translation": list(map(float, entry["ego2global_translation"])),
+            },
             "timestamp": entry["timestamp"],
             "filename": entry["data_path"],
-            "calibrated_sensor": {"token": "", "sensor_token": "",
-                                  "translation": list(map(float, entry["sensor2ego_translation"])),
-                                  "rotation": list(map(float, entry["sensor2ego_rotation"])),
-                                  "camera_intrinsic": np.asarray(entry["cam_intrinsic"]).tolist() if is_cam else []},
+            "calibrated_sensor": {
+                "token": "",
+                "sensor_token": "",
+                "translation": list(map(float, entry["sensor2ego_translation"])),
+                "rotation": list(map(float, entry["sensor2ego_rotation"])),
+                "camera_intrinsic": np.asarray(entry["cam_intrinsic"]).tolist() if is_cam else [],
+            },
             "is_key_frame": True,
-        }  # fmt: skip
+        }
         if is_cam:
             out.update(height=int(entry["height"]), width=int(entry["width"]))
         return out
 
-    lidar = {"timestamp": rec["timestamp"], "data_path": rec["lidar_path"],
-             "ego2global_rotation": rec["ego2global_rotation"], "ego2global_translation": rec["ego2global_translation"],
-             "sensor2ego_rotation": rec["lidar2ego_rotation"], "sensor2ego_translation": rec["lidar2ego_translation"]}  # fmt: skip
+    lidar = {
+        "timestamp": rec["timestamp"],
+        "data_path": rec["lidar_path"],
+        "ego2global_rotation": rec["ego2global_rotation"],
+        "ego2global_translation": rec["ego2global_translation"],
+        "sensor2ego_rotation": rec["lidar2ego_rotation"],
+        "sensor2ego_translation": rec["lidar2ego_translation"],
+    }
     anns = []
     for i in range(len(rec["ann_tokens"])):
         vel = rec["ann_velocity"][i]
-        anns.append({
-            "token": rec["ann_tokens"][i], "sample_token": rec["token"], "instance_token": rec["instance_tokens"][i],
-            "visibility_token": str(int(rec["ann_visibility"][i])),
-            "attribute_names": [rec["ann_attribute"][i]] if rec["ann_attribute"][i] else [],
-            "translation": rec["ann_translation"][i].tolist(), "size": rec["ann_size"][i].tolist(),
-            "rotation": rec["ann_rotation"][i].tolist(), "num_lidar_pts": int(rec["num_lidar_pts"][i]),
-            "num_radar_pts": int(rec["num_radar_pts"][i]), "category_name": rec["ann_category"][i],
-            "velocity": np.nan_to_num(vel).tolist(),
-        })  # fmt: skip
+        anns.append(
+            {
+                "token": rec["ann_tokens"][i],
+                "sample_token": rec["token"],
+                "instance_token": rec["instance_tokens"][i],
+                "visibility_token": str(int(rec["ann_visibility"][i])),
+                "attribute_names": [rec["ann_attribute"][i]] if rec["ann_attribute"][i] else [],
+                "translation": rec["ann_translation"][i].tolist(),
+                "size": rec["ann_size"][i].tolist(),
+                "rotation": rec["ann_rotation"][i].tolist(),
+                "num_lidar_pts": int(rec["num_lidar_pts"][i]),
+                "num_radar_pts": int(rec["num_radar_pts"][i]),
+                "category_name": rec["ann_category"][i],
+                "velocity": np.nan_to_num(vel).tolist(),
+            }
+        )
     return {
         "sample_token": rec["token"],
         "timestamp": rec["timestamp"],
@@ -194,7 +225,7 @@ def _strip_root(p: str, dataroot: str | None) -> str:
         root = str(Path(dataroot))
         for prefix in (root + "/", str(Path(dataroot).resolve()) + "/"):
             if p.startswith(prefix):
-                return p[len(prefix):]
+                return p[len(prefix) :]
     return p
 
 
@@ -223,29 +254,55 @@ def _from_mmdet3d(info: dict, i: int, path, dataroot) -> dict:
         "next": info.get("next", ""),
         "lidar_path": _strip_root(info["lidar_path"], dataroot),
         "lidar_sample_data_token": "",
-        **{k: np.asarray(info[k], dtype=np.float64) for k in
-           ("lidar2ego_translation", "lidar2ego_rotation", "ego2global_translation", "ego2global_rotation")},
-    }  # fmt: skip
+        **{
+            k: np.asarray(info[k], dtype=np.float64)
+            for k in ("lidar2ego_translation", "lidar2ego_rotation", "ego2global_translation", "ego2global_rotation")
+        },
+    }
     cams = {}
     for cam in CAMERAS:
         c = info["cams"][cam]
         cams[cam] = {
-            "data_path": _strip_root(c["data_path"], dataroot), "type": cam,
-            "sample_data_token": c.get("sample_data_token", ""), "timestamp": int(c.get("timestamp", info["timestamp"])),
-            "width": int(c.get("width", 1600)), "height": int(c.get("height", 900)),
-            **{k: np.asarray(c[k], dtype=np.float64) for k in
-               ("sensor2ego_translation", "sensor2ego_rotation", "ego2global_translation", "ego2global_rotation",
-                "sensor2lidar_rotation", "sensor2lidar_translation", "cam_intrinsic")},
-        }  # fmt: skip
+            "data_path": _strip_root(c["data_path"], dataroot),
+            "type": cam,
+            "sample_data_token": c.get("sample_data_token", ""),
+            "timestamp": int(c.get("timestamp", info["timestamp"])),
+            "width": int(c.get("width", 1600)),
+            "height": int(c.get("height", 900)),
+            **{
+                k: np.asarray(c[k], dtype=np.float64)
+                for k in (
+                    "sensor2ego_translation",
+                    "sensor2ego_rotation",
+                    "ego2global_translation",
+                    "ego2global_rotation",
+                    "sensor2lidar_rotation",
+                    "sensor2lidar_translation",
+                    "cam_intrinsic",
+                )
+            },
+        }
     rec["cams"] = cams
     rec["sweeps"] = [
-        {"data_path": _strip_root(s["data_path"], dataroot), "type": LIDAR, "sample_data_token": s.get("sample_data_token", ""),
-         "timestamp": int(s["timestamp"]),
-         **{k: np.asarray(s[k], dtype=np.float64) for k in
-            ("sensor2ego_translation", "sensor2ego_rotation", "ego2global_translation", "ego2global_rotation",
-             "sensor2lidar_rotation", "sensor2lidar_translation")}}
+        {
+            "data_path": _strip_root(s["data_path"], dataroot),
+            "type": LIDAR,
+            "sample_data_token": s.get("sample_data_token", ""),
+            "timestamp": int(s["timestamp"]),
+            **{
+                k: np.asarray(s[k], dtype=np.float64)
+                for k in (
+                    "sensor2ego_translation",
+                    "sensor2ego_rotation",
+                    "ego2global_translation",
+                    "ego2global_rotation",
+                    "sensor2lidar_rotation",
+                    "sensor2lidar_translation",
+                )
+            },
+        }
         for s in info.get("sweeps", [])
-    ]  # fmt: skip
+    ]
     boxes = np.asarray(info.get("gt_boxes", np.zeros((0, 7))), dtype=np.float64).reshape(-1, 7)
     n = len(boxes)
     names = [class_name(str(x), f"record {i} (token {token}) of {path}") for x in info.get("gt_names", [])]
@@ -256,11 +313,14 @@ def _from_mmdet3d(info: dict, i: int, path, dataroot) -> dict:
     num_lidar = np.asarray(info.get("num_lidar_pts", np.ones(n)), dtype=np.int32).reshape(n)
     num_radar = np.asarray(info.get("num_radar_pts", np.zeros(n)), dtype=np.int32).reshape(n)
     rec.update(
-        gt_boxes=boxes, gt_names=np.array(names, dtype=object), gt_velocity=vel,
-        num_lidar_pts=num_lidar, num_radar_pts=num_radar,
+        gt_boxes=boxes,
+        gt_names=np.array(names, dtype=object),
+        gt_velocity=vel,
+        num_lidar_pts=num_lidar,
+        num_radar_pts=num_radar,
         valid_flag=np.asarray(info.get("valid_flag", (num_lidar + num_radar) > 0), dtype=bool).reshape(n),
         instance_inds=np.asarray(info.get("instance_inds", -np.ones(n)), dtype=np.int64).reshape(n),
-    )  # fmt: skip
+    )
     rec.update(_global_annotations(boxes, vel, lidar2global, names))
     rec.update(_ann2d_from_streampetr(info, n))
     return rec
@@ -274,13 +334,16 @@ def _global_annotations(boxes, vel, lidar2global, names) -> dict:
     yaw_offset = math.atan2(rot[1, 0], rot[0, 0])
     v3 = np.concatenate([vel, np.zeros((n, 1))], axis=1) @ rot.T if n else np.zeros((0, 3))
     return dict(
-        ann_tokens=np.array([""] * n, dtype=object), instance_tokens=np.array([""] * n, dtype=object),
-        ann_category=np.array(names, dtype=object), ann_attribute=np.array([""] * n, dtype=object),
-        ann_visibility=np.zeros(n, dtype=np.int8), ann_translation=centers,
+        ann_tokens=np.array([""] * n, dtype=object),
+        instance_tokens=np.array([""] * n, dtype=object),
+        ann_category=np.array(names, dtype=object),
+        ann_attribute=np.array([""] * n, dtype=object),
+        ann_visibility=np.zeros(n, dtype=np.int8),
+        ann_translation=centers,
         ann_size=boxes[:, [4, 3, 5]] if n else np.zeros((0, 3)),
         ann_rotation=np.array([geo.yaw_to_quat(y + yaw_offset) for y in boxes[:, 6]]).reshape(n, 4),
         ann_velocity=v3,
-    )  # fmt: skip
+    )
 
 
 def _ann2d_from_streampetr(info: dict, n: int) -> dict:
@@ -317,15 +380,22 @@ def _from_bevdepth(info: dict, i: int, path) -> dict:
     e2g = geo.transform(np.array(lidar["ego_pose"]["rotation"]), lidar["ego_pose"]["translation"])
     lidar2global_inv = np.linalg.inv(e2g @ l2e)
     rec = {
-        "token": token, "timestamp": int(info["timestamp"]), "scene_token": info.get("scene_token", ""),
-        "scene_name": info.get("scene_token", ""), "location": "", "frame_idx": -1, "prev": "", "next": "",
-        "lidar_path": lidar["filename"], "lidar_sample_data_token": "",
+        "token": token,
+        "timestamp": int(info["timestamp"]),
+        "scene_token": info.get("scene_token", ""),
+        "scene_name": info.get("scene_token", ""),
+        "location": "",
+        "frame_idx": -1,
+        "prev": "",
+        "next": "",
+        "lidar_path": lidar["filename"],
+        "lidar_sample_data_token": "",
         "lidar2ego_translation": np.array(lidar["calibrated_sensor"]["translation"], dtype=np.float64),
         "lidar2ego_rotation": np.array(lidar["calibrated_sensor"]["rotation"], dtype=np.float64),
         "ego2global_translation": np.array(lidar["ego_pose"]["translation"], dtype=np.float64),
         "ego2global_rotation": np.array(lidar["ego_pose"]["rotation"], dtype=np.float64),
         "sweeps": [],
-    }  # fmt: skip
+    }
     cams = {}
     for cam in CAMERAS:
         c = info["cam_infos"][cam]
@@ -335,15 +405,20 @@ def _from_bevdepth(info: dict, i: int, path) -> dict:
         )
         s2l = lidar2global_inv @ s2g
         cams[cam] = {
-            "data_path": c["filename"], "type": cam, "sample_data_token": "", "timestamp": int(c["timestamp"]),
-            "width": int(c.get("width", 1600)), "height": int(c.get("height", 900)),
+            "data_path": c["filename"],
+            "type": cam,
+            "sample_data_token": "",
+            "timestamp": int(c["timestamp"]),
+            "width": int(c.get("width", 1600)),
+            "height": int(c.get("height", 900)),
             "sensor2ego_translation": np.array(cs["translation"], dtype=np.float64),
             "sensor2ego_rotation": np.array(cs["rotation"], dtype=np.float64),
             "ego2global_translation": np.array(pose["translation"], dtype=np.float64),
             "ego2global_rotation": np.array(pose["rotation"], dtype=np.float64),
-            "sensor2lidar_rotation": s2l[:3, :3], "sensor2lidar_translation": s2l[:3, 3],
+            "sensor2lidar_rotation": s2l[:3, :3],
+            "sensor2lidar_translation": s2l[:3, 3],
             "cam_intrinsic": np.array(cs["camera_intrinsic"], dtype=np.float64),
-        }  # fmt: skip
+        }
     rec["cams"] = cams
     anns = info.get("ann_infos", [])
     n = len(anns)
@@ -360,17 +435,22 @@ def _from_bevdepth(info: dict, i: int, path) -> dict:
     num_radar = np.array([a.get("num_radar_pts", 0) for a in anns], dtype=np.int32).reshape(n)
     rec.update(
         gt_boxes=np.concatenate([geo.apply(lidar2global_inv, centers), sizes[:, [1, 0, 2]], yaw[:, None]], axis=1),
-        gt_names=np.array(names, dtype=object), gt_velocity=(vel3 @ lidar2global_inv[:3, :3].T)[:, :2],
-        num_lidar_pts=num_lidar, num_radar_pts=num_radar, valid_flag=(num_lidar + num_radar) > 0,
+        gt_names=np.array(names, dtype=object),
+        gt_velocity=(vel3 @ lidar2global_inv[:3, :3].T)[:, :2],
+        num_lidar_pts=num_lidar,
+        num_radar_pts=num_radar,
+        valid_flag=(num_lidar + num_radar) > 0,
         instance_inds=-np.ones(n, dtype=np.int64),
         ann_tokens=np.array([a.get("token", "") for a in anns], dtype=object),
         instance_tokens=np.array([a.get("instance_token", "") for a in anns], dtype=object),
         ann_category=np.array([a["category_name"] for a in anns], dtype=object),
         ann_attribute=np.array([(a.get("attribute_names") or [""])[0] for a in anns], dtype=object),
         ann_visibility=np.array([int(a.get("visibility_token") or 0) for a in anns], dtype=np.int8),
-        ann_translation=centers, ann_size=sizes,
-        ann_rotation=np.array([a["rotation"] for a in anns], dtype=np.float64).reshape(n, 4), ann_velocity=vel3,
-    )  # fmt: skip
+        ann_translation=centers,
+        ann_size=sizes,
+        ann_rotation=np.array([a["rotation"] for a in anns], dtype=np.float64).reshape(n, 4),
+        ann_velocity=vel3,
+    )
     rec.update(_ann2d_from_streampetr({}, n))
     return rec
 

@@ -8,6 +8,7 @@ Output folder layout:
     anchors/nuscenes_kmeans900.npy     Sparse4D k-means anchors (900 x 11)
     pkl/<format>/<file>.pkl            optional upstream info pkls (--pkl-format)
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -114,7 +115,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         for split, records in splits.items():
             path = out / "pkl" / fmt / FILE_NAMES[fmt].format(split=split)
             write_pkl(records, fmt, path, version, str(dataroot))
-            pkls.append({"format": fmt, "split": split, "path": str(path.relative_to(out)), "sha256": sha256_file(path)})
+            pkls.append(
+                {"format": fmt, "split": split, "path": str(path.relative_to(out)), "sha256": sha256_file(path)}
+            )
     if pkls:
         manifest["pkl"] = pkls
     tmp = out / (MANIFEST + ".tmp")
@@ -133,7 +136,9 @@ def _split_from_name(name: str) -> str:
 def load_manifest(prepared: str | Path) -> dict:
     path = Path(prepared) / MANIFEST
     if not path.is_file():
-        raise DataError(f"{path} does not exist: {prepared} is not a prepared folder; run `raydrive prepare --out {prepared}`")
+        raise DataError(
+            f"{path} does not exist: {prepared} is not a prepared folder; run `raydrive prepare --out {prepared}`"
+        )
     manifest = json.loads(path.read_text())
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(

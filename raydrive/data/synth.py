@@ -10,6 +10,7 @@ lidar points are ray-cast onto the object surfaces and the ground, and `num_lida
 points that hit each box. Cameras fire a few ms after the lidar, each with its own ego pose, so the
 lidar -> ego(t_lidar) -> global -> ego(t_cam) -> camera chain matters as in the real data.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -71,9 +72,17 @@ CLASS_SPEED: dict[str, tuple[float, float]] = {
     "pedestrian": (0.9, 1.7),
 }
 CLASS_WEIGHT: dict[str, float] = {
-    "car": 6, "truck": 2, "construction_vehicle": 1, "bus": 1, "trailer": 1, "barrier": 2,
-    "motorcycle": 1, "bicycle": 1, "pedestrian": 3, "traffic_cone": 2,
-}  # fmt: skip
+    "car": 6,
+    "truck": 2,
+    "construction_vehicle": 1,
+    "bus": 1,
+    "trailer": 1,
+    "barrier": 2,
+    "motorcycle": 1,
+    "bicycle": 1,
+    "pedestrian": 3,
+    "traffic_cone": 2,
+}
 
 # Camera rigs: yaw of the optical axis in the ego frame (deg), mount position, focal length at 1600 px.
 CAMERA_RIG: dict[str, tuple[float, tuple[float, float, float], float]] = {
@@ -86,9 +95,13 @@ CAMERA_RIG: dict[str, tuple[float, tuple[float, float, float], float]] = {
 }
 # Camera shutter offsets after the lidar key frame, microseconds (the real rig fires as the lidar turns).
 CAMERA_DELAY_US: dict[str, int] = {
-    "CAM_FRONT": 12_000, "CAM_FRONT_RIGHT": 20_000, "CAM_FRONT_LEFT": 4_000,
-    "CAM_BACK": 37_000, "CAM_BACK_LEFT": 29_000, "CAM_BACK_RIGHT": 45_000,
-}  # fmt: skip
+    "CAM_FRONT": 12_000,
+    "CAM_FRONT_RIGHT": 20_000,
+    "CAM_FRONT_LEFT": 4_000,
+    "CAM_BACK": 37_000,
+    "CAM_BACK_LEFT": 29_000,
+    "CAM_BACK_RIGHT": 45_000,
+}
 LIDAR_MOUNT = (0.94, 0.0, 1.84)
 LIDAR_YAW = -math.pi / 2  # like nuScenes: lidar x points to the ego's right
 LIDAR_ELEVATIONS_DEG = np.linspace(-30.67, 10.67, 32)  # HDL-32E
@@ -354,8 +367,24 @@ def synthesize(cfg: SynthConfig) -> Path:
         )
     scene_names = splits["train"][:n_train] + splits["val"][:n_val]
 
-    t = {name: [] for name in ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "log",
-                               "map", "sample", "sample_annotation", "sample_data", "scene", "sensor", "visibility")}  # fmt: skip
+    t = {
+        name: []
+        for name in (
+            "attribute",
+            "calibrated_sensor",
+            "category",
+            "ego_pose",
+            "instance",
+            "log",
+            "map",
+            "sample",
+            "sample_annotation",
+            "sample_data",
+            "scene",
+            "sensor",
+            "visibility",
+        )
+    }
     attr_token = {a: _token("attribute", a) for a in ATTRIBUTES}
     t["attribute"] = [{"token": attr_token[a], "name": a, "description": a} for a in ATTRIBUTES]
     cat_token = {c: _token("category", CLASS_TO_CATEGORY[c]) for c in CLASSES}
@@ -363,7 +392,9 @@ def synthesize(cfg: SynthConfig) -> Path:
         {"token": cat_token[c], "name": CLASS_TO_CATEGORY[c], "description": f"synthetic {c}", "index": i}
         for i, c in enumerate(CLASSES)
     ]
-    t["visibility"] = [{"token": tok, "level": lvl, "description": f"visibility {lvl}"} for tok, lvl in VISIBILITY_LEVELS]
+    t["visibility"] = [
+        {"token": tok, "level": lvl, "description": f"visibility {lvl}"} for tok, lvl in VISIBILITY_LEVELS
+    ]
     sensor_token = {ch: _token("sensor", ch) for ch in [*CAMERAS, LIDAR]}
     t["sensor"] = [
         {"token": sensor_token[ch], "channel": ch, "modality": "lidar" if ch == LIDAR else "camera"}
@@ -389,8 +420,15 @@ def synthesize(cfg: SynthConfig) -> Path:
         log_token = _token("log", si)
         location = locations[si % 2]
         map_logs[location].append(log_token)
-        t["log"].append({"token": log_token, "logfile": logname, "vehicle": "n008",
-                         "date_captured": "2018-08-01", "location": location})  # fmt: skip
+        t["log"].append(
+            {
+                "token": log_token,
+                "logfile": logname,
+                "vehicle": "n008",
+                "date_captured": "2018-08-01",
+                "location": location,
+            }
+        )
         scene_token = _token("scene", si)
 
         # Per-scene calibration with a small yaw jitter per camera, as every real log has its own.
@@ -399,22 +437,40 @@ def synthesize(cfg: SynthConfig) -> Path:
             rot, pos = _camera_to_ego(ch, rng.normal(0, math.radians(0.3)))
             k = _intrinsic(ch, w, h)
             calib[ch] = (geo.transform(rot, pos), k, _background(k, w, h))
-            t["calibrated_sensor"].append({"token": _token("calib", si, ch), "sensor_token": sensor_token[ch],
-                                           "translation": pos.tolist(), "rotation": geo.matrix_to_quat(rot).tolist(),
-                                           "camera_intrinsic": k.tolist()})  # fmt: skip
+            t["calibrated_sensor"].append(
+                {
+                    "token": _token("calib", si, ch),
+                    "sensor_token": sensor_token[ch],
+                    "translation": pos.tolist(),
+                    "rotation": geo.matrix_to_quat(rot).tolist(),
+                    "camera_intrinsic": k.tolist(),
+                }
+            )
         lidar2ego = geo.transform(geo.rot_z(LIDAR_YAW), LIDAR_MOUNT)
-        t["calibrated_sensor"].append({"token": _token("calib", si, LIDAR), "sensor_token": sensor_token[LIDAR],
-                                       "translation": list(LIDAR_MOUNT),
-                                       "rotation": geo.yaw_to_quat(LIDAR_YAW).tolist(), "camera_intrinsic": []})  # fmt: skip
+        t["calibrated_sensor"].append(
+            {
+                "token": _token("calib", si, LIDAR),
+                "sensor_token": sensor_token[LIDAR],
+                "translation": list(LIDAR_MOUNT),
+                "rotation": geo.yaw_to_quat(LIDAR_YAW).tolist(),
+                "camera_intrinsic": [],
+            }
+        )
 
         sample_tokens = [_token("sample", si, k) for k in range(cfg.samples_per_scene)]
         prev_sd: dict = {ch: None for ch in [*CAMERAS, LIDAR]}
         for k, sample_token in enumerate(sample_tokens):
             ts = scene.t0_us + k * SAMPLE_PERIOD_US
             t_s = k * SAMPLE_PERIOD_US / 1e6
-            t["sample"].append({"token": sample_token, "timestamp": ts, "scene_token": scene_token,
-                                "prev": sample_tokens[k - 1] if k > 0 else "",
-                                "next": sample_tokens[k + 1] if k + 1 < len(sample_tokens) else ""})  # fmt: skip
+            t["sample"].append(
+                {
+                    "token": sample_token,
+                    "timestamp": ts,
+                    "scene_token": scene_token,
+                    "prev": sample_tokens[k - 1] if k > 0 else "",
+                    "next": sample_tokens[k + 1] if k + 1 < len(sample_tokens) else "",
+                }
+            )
 
             # LIDAR_TOP: ray cast from the lidar origin at the key-frame time.
             ego_m = scene.ego_matrix(t_s)
@@ -453,9 +509,17 @@ def synthesize(cfg: SynthConfig) -> Path:
             bar.update(1)
 
         scene_anns = _annotate(t, scene, sample_tokens, attr_token, cat_token)
-        t["scene"].append({"token": scene_token, "log_token": log_token, "nbr_samples": len(sample_tokens),
-                           "first_sample_token": sample_tokens[0], "last_sample_token": sample_tokens[-1],
-                           "name": name, "description": f"synthetic scene, {scene_anns} annotations"})  # fmt: skip
+        t["scene"].append(
+            {
+                "token": scene_token,
+                "log_token": log_token,
+                "nbr_samples": len(sample_tokens),
+                "first_sample_token": sample_tokens[0],
+                "last_sample_token": sample_tokens[-1],
+                "name": name,
+                "description": f"synthetic scene, {scene_anns} annotations",
+            }
+        )
     bar.close()
 
     for loc in locations:
@@ -465,8 +529,14 @@ def synthesize(cfg: SynthConfig) -> Path:
         mask = np.zeros((200, 200), dtype=np.uint8)
         mask[60:140, :] = 255  # a road band; the devkit only needs a real PNG here
         Image.fromarray(mask).save(out / "maps" / f"{map_token}.png")
-        t["map"].append({"token": map_token, "log_tokens": map_logs[loc], "category": "semantic_prior",
-                         "filename": f"maps/{map_token}.png"})  # fmt: skip
+        t["map"].append(
+            {
+                "token": map_token,
+                "log_tokens": map_logs[loc],
+                "category": "semantic_prior",
+                "filename": f"maps/{map_token}.png",
+            }
+        )
 
     for name, records in t.items():
         with open(version_dir / f"{name}.json", "w") as f:
@@ -477,12 +547,28 @@ def synthesize(cfg: SynthConfig) -> Path:
 def _add_sample_data(t, si, k, ch, sample_token, ts, filename, ego_m, prev_sd, width, height, fmt):
     sd_token = _token("sample_data", si, k, ch)
     ego_token = _token("ego_pose", si, k, ch)
-    t["ego_pose"].append({"token": ego_token, "timestamp": ts, "translation": ego_m[:3, 3].tolist(),
-                          "rotation": geo.matrix_to_quat(ego_m[:3, :3]).tolist()})  # fmt: skip
-    record = {"token": sd_token, "sample_token": sample_token, "ego_pose_token": ego_token,
-              "calibrated_sensor_token": _token("calib", si, ch), "timestamp": ts, "fileformat": fmt,
-              "is_key_frame": True, "height": height, "width": width, "filename": filename,
-              "prev": prev_sd[ch]["token"] if prev_sd[ch] else "", "next": ""}  # fmt: skip
+    t["ego_pose"].append(
+        {
+            "token": ego_token,
+            "timestamp": ts,
+            "translation": ego_m[:3, 3].tolist(),
+            "rotation": geo.matrix_to_quat(ego_m[:3, :3]).tolist(),
+        }
+    )
+    record = {
+        "token": sd_token,
+        "sample_token": sample_token,
+        "ego_pose_token": ego_token,
+        "calibrated_sensor_token": _token("calib", si, ch),
+        "timestamp": ts,
+        "fileformat": fmt,
+        "is_key_frame": True,
+        "height": height,
+        "width": width,
+        "filename": filename,
+        "prev": prev_sd[ch]["token"] if prev_sd[ch] else "",
+        "next": "",
+    }
     if prev_sd[ch]:
         prev_sd[ch]["next"] = sd_token
     t["sample_data"].append(record)
@@ -504,16 +590,31 @@ def _annotate(t, scene: _Scene, sample_tokens, attr_token, cat_token) -> int:
             count, frac = seen.get(k, (0, 0.0))
             level = "1" if frac < 0.4 else "2" if frac < 0.6 else "3" if frac < 0.8 else "4"
             t_s = k * SAMPLE_PERIOD_US / 1e6
-            t["sample_annotation"].append({
-                "token": tokens[idx], "sample_token": sample_tokens[k], "instance_token": obj.token,
-                "visibility_token": level, "attribute_tokens": [attr_token[attribute]] if attribute else [],
-                "translation": obj.center(t_s).tolist(), "size": obj.wlh.tolist(),
-                "rotation": geo.yaw_to_quat(obj.yaw).tolist(),
-                "prev": tokens[idx - 1] if idx > 0 else "", "next": tokens[idx + 1] if idx + 1 < len(tokens) else "",
-                "num_lidar_pts": count, "num_radar_pts": 0,
-            })  # fmt: skip
-        t["instance"].append({"token": obj.token, "category_token": cat_token[obj.cls], "nbr_annotations": len(tokens),
-                              "first_annotation_token": tokens[0], "last_annotation_token": tokens[-1]})  # fmt: skip
+            t["sample_annotation"].append(
+                {
+                    "token": tokens[idx],
+                    "sample_token": sample_tokens[k],
+                    "instance_token": obj.token,
+                    "visibility_token": level,
+                    "attribute_tokens": [attr_token[attribute]] if attribute else [],
+                    "translation": obj.center(t_s).tolist(),
+                    "size": obj.wlh.tolist(),
+                    "rotation": geo.yaw_to_quat(obj.yaw).tolist(),
+                    "prev": tokens[idx - 1] if idx > 0 else "",
+                    "next": tokens[idx + 1] if idx + 1 < len(tokens) else "",
+                    "num_lidar_pts": count,
+                    "num_radar_pts": 0,
+                }
+            )
+        t["instance"].append(
+            {
+                "token": obj.token,
+                "category_token": cat_token[obj.cls],
+                "nbr_annotations": len(tokens),
+                "first_annotation_token": tokens[0],
+                "last_annotation_token": tokens[-1],
+            }
+        )
         n += len(tokens)
     return n
 

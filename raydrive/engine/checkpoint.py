@@ -5,6 +5,7 @@ One directory per checkpoint: `model.pt` (the model's state dict, upstream key n
 Files are written into a temporary directory and renamed into place, so a crash never leaves a
 half-written checkpoint behind; both `.pt` files load with `torch.load(weights_only=True)`.
 """
+
 from __future__ import annotations
 
 import json

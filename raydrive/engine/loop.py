@@ -7,6 +7,7 @@ writes a checkpoint and every rank calls `ray.train.report` (a barrier). A re-ru
 name and storage path finds the checkpoint through `ray.train.get_checkpoint()` and continues at the
 same step, epoch and position in the epoch's lane plan.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,14 @@ def config_from_dict(d: dict) -> TrainConfig:
 
     spec = get_spec(d["model_name"])
     fix = lambda cls, v: cls(**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})  # noqa: E731
-    return TrainConfig(d["model_name"], d["preset"], fix(RunSection, d["run"]), fix(DataSection, d["data"]),
-                       fix(OptimSection, d["optim"]), fix(spec.config_cls, d["model"]))  # fmt: skip
+    return TrainConfig(
+        d["model_name"],
+        d["preset"],
+        fix(RunSection, d["run"]),
+        fix(DataSection, d["data"]),
+        fix(OptimSection, d["optim"]),
+        fix(spec.config_cls, d["model"]),
+    )
 
 
 def build_pipeline(cfg: TrainConfig, spec, split: str, train: bool):
@@ -52,16 +59,36 @@ def build_pipeline(cfg: TrainConfig, spec, split: str, train: bool):
     from raydrive.data.pipeline import FramePipeline, PipelineConfig
 
     d = cfg.data
-    aug = AugConfig(final_hw=spec.image_hw(cfg.model), photometric=d.photometric, bev_rot=d.bev_rot,
-                    rot_lim_deg=d.rot_lim_deg, flip=d.flip)  # fmt: skip
+    aug = AugConfig(
+        final_hw=spec.image_hw(cfg.model),
+        photometric=d.photometric,
+        bev_rot=d.bev_rot,
+        rot_lim_deg=d.rot_lim_deg,
+        flip=d.flip,
+    )
     if not train:
         aug = aug.evaluation()
-    lanes = LaneConfig(temporal=spec.temporal, seq_split_num=d.seq_split_num, skip_prob=d.skip_prob,
-                       flip_prob=d.flip_prob, seed=cfg.run.seed)  # fmt: skip
-    return FramePipeline(PipelineConfig(prepared=d.prepared, split=split, batch_size=cfg.run.batch_size if train else 1,
-                                        lanes=lanes, aug=aug, dataroot=d.dataroot, with_depth=d.with_depth and train,
-                                        cpus_per_task=d.cpus_per_task, prefetch_batches=d.prefetch_batches,
-                                        max_tasks=d.max_tasks))  # fmt: skip
+    lanes = LaneConfig(
+        temporal=spec.temporal,
+        seq_split_num=d.seq_split_num,
+        skip_prob=d.skip_prob,
+        flip_prob=d.flip_prob,
+        seed=cfg.run.seed,
+    )
+    return FramePipeline(
+        PipelineConfig(
+            prepared=d.prepared,
+            split=split,
+            batch_size=cfg.run.batch_size if train else 1,
+            lanes=lanes,
+            aug=aug,
+            dataroot=d.dataroot,
+            with_depth=d.with_depth and train,
+            cpus_per_task=d.cpus_per_task,
+            prefetch_batches=d.prefetch_batches,
+            max_tasks=d.max_tasks,
+        )
+    )
 
 
 def build_model(cfg: TrainConfig, spec, device) -> torch.nn.Module:
@@ -125,14 +152,18 @@ def train_loop(config: dict) -> None:
     model.amp_dtype = amp_dtype
     ddp = model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
-                                                        device_ids=[device] if device.type == "cuda" else None)  # fmt: skip
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, broadcast_buffers=False, device_ids=[device] if device.type == "cuda" else None
+        )
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scaler = None
     if amp_dtype == torch.float16:
         dynamic = cfg.optim.loss_scale == "dynamic"
-        scaler = torch.amp.GradScaler(device.type, init_scale=32.0 if dynamic else float(cfg.optim.loss_scale),
-                                      growth_interval=2000 if dynamic else 10**9)  # fmt: skip
+        scaler = torch.amp.GradScaler(
+            device.type,
+            init_scale=32.0 if dynamic else float(cfg.optim.loss_scale),
+            growth_interval=2000 if dynamic else 10**9,
+        )
 
     steps_per_epoch = pipeline.steps_per_epoch(world)
     total = cfg.run.max_steps or cfg.run.epochs * steps_per_epoch
@@ -194,16 +225,34 @@ def train_loop(config: dict) -> None:
         in_epoch += 1
         timer.step_done()
         last_losses = {k: float(v.detach()) for k, v in losses.items()}
-        history.append({"step": step, "loss": float(loss.detach()), "losses": dict(last_losses), "tokens": list(batch["token"])})
+        history.append(
+            {"step": step, "loss": float(loss.detach()), "losses": dict(last_losses), "tokens": list(batch["token"])}
+        )
         live.publish(step, last_losses, cfg.optim.lr * factor, timer.last(), device)
         if rank == 0 and (step % cfg.run.log_every == 0 or step == total):
             t = timer.last()
-            log(f"[raydrive] {run_name} step {step}/{total} epoch {epoch} loss {float(loss.detach()):.3f} "
+            log(
+                f"[raydrive] {run_name} step {step}/{total} epoch {epoch} loss {float(loss.detach()):.3f} "
                 f"lr {cfg.optim.lr * factor:.2e} grad {float(grad_norm):.2f} step {t['step_time_s']:.2f}s "
-                f"data {t['data_wait_fraction']:.0%} {t['samples_per_s_global']:.2f} samples/s")  # fmt: skip
+                f"data {t['data_wait_fraction']:.0%} {t['samples_per_s_global']:.2f} samples/s"
+            )
         if not cfg.run.benchmark and (step % cfg.run.checkpoint_every == 0 or step == stop) and step < total:
-            _report(model, optimizer, scaler, step, epoch, in_epoch, steps_per_epoch, last_losses, timer, rank,
-                    world, cfg, dist, {"history": history, "resumed_from": resumed_from})  # fmt: skip
+            _report(
+                model,
+                optimizer,
+                scaler,
+                step,
+                epoch,
+                in_epoch,
+                steps_per_epoch,
+                last_losses,
+                timer,
+                rank,
+                world,
+                cfg,
+                dist,
+                {"history": history, "resumed_from": resumed_from},
+            )
             history = []
     if step < total:  # paused with run.stop_at_step: the checkpoint above is where a re-run continues
         if rank == 0:
@@ -222,8 +271,22 @@ def train_loop(config: dict) -> None:
     if cfg.run.evaluate:
         extra.update(evaluate_on_workers(model, cfg, spec, rank, world, dist))
     # the final checkpoint comes after evaluation, so the run's result carries the metrics
-    _report(model, optimizer, scaler, step, epoch, in_epoch, steps_per_epoch, last_losses, timer, rank, world, cfg, dist,
-            extra)  # fmt: skip
+    _report(
+        model,
+        optimizer,
+        scaler,
+        step,
+        epoch,
+        in_epoch,
+        steps_per_epoch,
+        last_losses,
+        timer,
+        rank,
+        world,
+        cfg,
+        dist,
+        extra,
+    )
 
 
 def _check_finite(loss, losses, step, world, dist) -> None:
@@ -238,16 +301,33 @@ def _check_finite(loss, losses, step, world, dist) -> None:
         )
 
 
-def _report(model, optimizer, scaler, step, epoch, in_epoch, steps_per_epoch, last_losses, timer, rank, world, cfg,
-            dist, extra: dict | None = None):  # fmt: skip
+def _report(
+    model,
+    optimizer,
+    scaler,
+    step,
+    epoch,
+    in_epoch,
+    steps_per_epoch,
+    last_losses,
+    timer,
+    rank,
+    world,
+    cfg,
+    dist,
+    extra: dict | None = None,
+):
     """Checkpoint (rank 0 writes it) and report; every rank calls this at the same steps (a barrier)."""
     import ray.train
 
     if in_epoch >= steps_per_epoch:  # the epoch is done: resume at the start of the next one
         epoch, in_epoch = epoch + 1, 0
 
-    mine = {"rng": ckpt.rng_state(), "checksum": param_checksum(model),
-            "temporal": model.temporal_state() if hasattr(model, "temporal_state") else {}}
+    mine = {
+        "rng": ckpt.rng_state(),
+        "checksum": param_checksum(model),
+        "temporal": model.temporal_state() if hasattr(model, "temporal_state") else {},
+    }
     gathered = [mine]
     if world > 1:
         gathered = [None] * world
@@ -256,18 +336,34 @@ def _report(model, optimizer, scaler, step, epoch, in_epoch, steps_per_epoch, la
     if any(abs(c - checksums[0]) > 1e-6 * max(1.0, abs(checksums[0])) for c in checksums):
         raise RuntimeError(f"data-parallel ranks diverged at step {step}: parameter checksums {checksums}")
     rng = [g["rng"] for g in gathered]
-    metrics = {"step": step, "epoch": epoch, "loss": sum(last_losses.values()), **last_losses,
-               "param_checksum": checksums[0], "ranks_checked": len(checksums),
-               **(timer.last() if timer.step_times else {}), **(extra or {})}  # fmt: skip
+    metrics = {
+        "step": step,
+        "epoch": epoch,
+        "loss": sum(last_losses.values()),
+        **last_losses,
+        "param_checksum": checksums[0],
+        "ranks_checked": len(checksums),
+        **(timer.last() if timer.step_times else {}),
+        **(extra or {}),
+    }
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "in_epoch": in_epoch, "rng": rng,
-                     "temporal": [g["temporal"] for g in gathered]}
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "in_epoch": in_epoch,
+                "rng": rng,
+                "temporal": [g["temporal"] for g in gathered],
+            }
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
-            d = ckpt.save(Path(tmp) / "checkpoint", model.state_dict(), state,
-                          {"model": cfg.model_name, "preset": cfg.preset, "step": step, "epoch": epoch,
-                           "config": cfg.to_dict()})  # fmt: skip
+            d = ckpt.save(
+                Path(tmp) / "checkpoint",
+                model.state_dict(),
+                state,
+                {"model": cfg.model_name, "preset": cfg.preset, "step": step, "epoch": epoch, "config": cfg.to_dict()},
+            )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
     else:
         ray.train.report(metrics)
@@ -313,6 +409,7 @@ def evaluate_on_workers(model, cfg: TrainConfig, spec, rank: int, world: int, di
     manifest = load_manifest(cfg.data.prepared)
     records = table_to_records(read_split(Path(cfg.data.prepared) / "infos" / "val"))
     out_dir = Path(tempfile.mkdtemp(prefix="raydrive-eval-"))
-    metrics = evaluate(preds, records, cfg.data.dataroot or manifest["dataroot"], manifest["version"], "val",
-                       output_dir=str(out_dir))  # fmt: skip
+    metrics = evaluate(
+        preds, records, cfg.data.dataroot or manifest["dataroot"], manifest["version"], "val", output_dir=str(out_dir)
+    )
     return {"mAP": metrics["mAP"], "NDS": metrics["NDS"], "eval_metrics": metrics}

@@ -12,6 +12,7 @@ node's metrics agent with Ray's `ray_` prefix:
     ray_raydrive_memory_bytes{run, rank, kind}   kind = rss | device
     ray_raydrive_step{run, rank}
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@
 - cosine: from 1 down to `min_lr_ratio` over all steps (mmcv CosineAnnealing with min_lr_ratio);
 - multistep: times `gamma` at each milestone (fractions of the total steps).
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Step timer: step time, data wait, samples/s (one sample = one 6-camera frame, as in DrivingSDK)."""
+
 from __future__ import annotations
 
 import time
@@ -25,15 +26,23 @@ class StepTimer:
 
     def last(self) -> dict:
         step, wait = self.step_times[-1], self.data_waits[-1]
-        return {"step_time_s": step, "data_wait_s": wait, "data_wait_fraction": wait / max(step, 1e-9),
-                "samples_per_s_worker": self.batch_size / max(step, 1e-9),
-                "samples_per_s_global": self.batch_size * self.world_size / max(step, 1e-9)}  # fmt: skip
+        return {
+            "step_time_s": step,
+            "data_wait_s": wait,
+            "data_wait_fraction": wait / max(step, 1e-9),
+            "samples_per_s_worker": self.batch_size / max(step, 1e-9),
+            "samples_per_s_global": self.batch_size * self.world_size / max(step, 1e-9),
+        }
 
     def summary(self, skip: int) -> dict:
         """Mean over the steps after the first `skip` (warm-up), DrivingSDK-style FPS."""
         times = self.step_times[skip:] or self.step_times
         mean = sum(times) / max(1, len(times))
         global_batch = self.batch_size * self.world_size
-        return {"steps_timed": len(times), "mean_step_time_s": mean, "global_batch": global_batch,
-                "fps": global_batch / max(mean, 1e-9),
-                "mean_data_wait_s": sum(self.data_waits[skip:] or self.data_waits) / max(1, len(times))}  # fmt: skip
+        return {
+            "steps_timed": len(times),
+            "mean_step_time_s": mean,
+            "global_batch": global_batch,
+            "fps": global_batch / max(mean, 1e-9),
+            "mean_data_wait_s": sum(self.data_waits[skip:] or self.data_waits) / max(1, len(times)),
+        }

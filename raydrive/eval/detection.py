@@ -5,6 +5,7 @@ x, y, z (centre), l, w, h, yaw, vx, vy (or (N, 7) without velocity), `scores` (N
 indexing CLASSES. They become a submission JSON in the global frame (attributes by the usual speed
 rule), which the devkit's `DetectionEval` scores.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -49,16 +50,18 @@ def to_submission(predictions: dict[str, dict], records: list[dict], max_per_sam
                 name = CLASSES[labels[i]]
                 rot = m[:3, :3] @ geo.rot_z(boxes[i, 6])
                 speed = math.hypot(vel[j, 0], vel[j, 1])
-                entries.append({
-                    "sample_token": token,
-                    "translation": centers[j].tolist(),
-                    "size": boxes[i, [4, 3, 5]].tolist(),  # devkit order: w, l, h
-                    "rotation": geo.matrix_to_quat(rot).tolist(),
-                    "velocity": vel[j, :2].tolist(),
-                    "detection_name": name,
-                    "detection_score": float(scores[i]),
-                    "attribute_name": attribute_for(name, speed),
-                })  # fmt: skip
+                entries.append(
+                    {
+                        "sample_token": token,
+                        "translation": centers[j].tolist(),
+                        "size": boxes[i, [4, 3, 5]].tolist(),  # devkit order: w, l, h
+                        "rotation": geo.matrix_to_quat(rot).tolist(),
+                        "velocity": vel[j, :2].tolist(),
+                        "detection_name": name,
+                        "detection_score": float(scores[i]),
+                        "attribute_name": attribute_for(name, speed),
+                    }
+                )
         results[token] = entries
     meta = {"use_camera": True, "use_lidar": False, "use_radar": False, "use_map": False, "use_external": False}
     return {"meta": meta, "results": results}
@@ -71,8 +74,15 @@ def eval_set_for(version: str, split: str) -> str:
         raise DataError(f"no {split!r} split for nuScenes version {version!r}") from None
 
 
-def evaluate_file(results_path: str | os.PathLike, dataroot: str, version: str, eval_set: str | None = None,
-                  output_dir: str | None = None, verbose: bool = False, nusc=None) -> dict:
+def evaluate_file(
+    results_path: str | os.PathLike,
+    dataroot: str,
+    version: str,
+    eval_set: str | None = None,
+    output_dir: str | None = None,
+    verbose: bool = False,
+    nusc=None,
+) -> dict:
     """Score a submission JSON with the devkit; returns a flat metrics dict."""
     from nuscenes.eval.common.config import config_factory
     from nuscenes.eval.detection.evaluate import DetectionEval
@@ -84,8 +94,14 @@ def evaluate_file(results_path: str | os.PathLike, dataroot: str, version: str, 
     eval_set = eval_set or eval_set_for(version, "val")
     nusc = nusc or NuScenes(version=version, dataroot=str(dataroot), verbose=False)
     output_dir = output_dir or tempfile.mkdtemp(prefix="raydrive-eval-")
-    evaluator = DetectionEval(nusc, config=config_factory("detection_cvpr_2019"), result_path=str(results_path),
-                              eval_set=eval_set, output_dir=output_dir, verbose=verbose)  # fmt: skip
+    evaluator = DetectionEval(
+        nusc,
+        config=config_factory("detection_cvpr_2019"),
+        result_path=str(results_path),
+        eval_set=eval_set,
+        output_dir=output_dir,
+        verbose=verbose,
+    )
     with _quiet(not verbose):  # the devkit prints its own table
         summary = evaluator.main(plot_examples=0, render_curves=False)
     return flatten_summary(summary)
@@ -106,8 +122,15 @@ def _quiet(enabled: bool):
         builtins.print = original
 
 
-def evaluate(predictions: dict[str, dict], records: list[dict], dataroot: str, version: str, split: str = "val",
-             output_dir: str | None = None, nusc=None) -> dict:
+def evaluate(
+    predictions: dict[str, dict],
+    records: list[dict],
+    dataroot: str,
+    version: str,
+    split: str = "val",
+    output_dir: str | None = None,
+    nusc=None,
+) -> dict:
     """Predictions -> submission JSON (written to output_dir) -> devkit metrics."""
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="raydrive-eval-"))
     output_dir.mkdir(parents=True, exist_ok=True)

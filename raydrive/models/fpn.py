@@ -1,4 +1,5 @@
 """FPN with mmdet's parameter names (`lateral_convs.i.conv`, `fpn_convs.i.conv`)."""
+
 from __future__ import annotations
 
 import torch

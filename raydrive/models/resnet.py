@@ -5,6 +5,7 @@ Returns the outputs of the stages in `out_indices` (C2..C5 for 0..3), like mmdet
 (Sparse4D trains with it), `frozen_stages` freezes the stem and the first stages, `norm_eval`
 keeps BN statistics fixed in training.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,20 +57,36 @@ class Bottleneck(nn.Module):
         return self.relu(self.residual(x) + identity)
 
 
-SPECS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3)),
-         101: (Bottleneck, (3, 4, 23, 3))}  # fmt: skip
+SPECS = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
 
 
 class ResNet(nn.Module):
-    def __init__(self, depth: int = 50, base_channels: int = 64, blocks: tuple[int, ...] | None = None,
-                 out_indices: tuple[int, ...] = (0, 1, 2, 3), frozen_stages: int = -1, norm_eval: bool = False,
-                 with_cp: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        depth: int = 50,
+        base_channels: int = 64,
+        blocks: tuple[int, ...] | None = None,
+        out_indices: tuple[int, ...] = (0, 1, 2, 3),
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+        with_cp: bool = False,
+    ):
         super().__init__()
         if depth not in SPECS:
             raise ValueError(f"ResNet depth must be one of {sorted(SPECS)}, got {depth}")
         block, layers = SPECS[depth]
         layers = blocks or layers
-        self.out_indices, self.frozen_stages, self.norm_eval, self.with_cp = out_indices, frozen_stages, norm_eval, with_cp
+        self.out_indices, self.frozen_stages, self.norm_eval, self.with_cp = (
+            out_indices,
+            frozen_stages,
+            norm_eval,
+            with_cp,
+        )
         self.conv1 = nn.Conv2d(3, base_channels, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(base_channels)
         self.relu = nn.ReLU(inplace=True)
@@ -81,8 +98,10 @@ class ResNet(nn.Module):
             stride = 1 if i == 0 else 2
             down = None
             if stride != 1 or inplanes != planes * block.expansion:
-                down = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
-                                     nn.BatchNorm2d(planes * block.expansion))  # fmt: skip
+                down = nn.Sequential(
+                    nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
+                    nn.BatchNorm2d(planes * block.expansion),
+                )
             mods = [block(inplanes, planes, stride, down)]
             inplanes = planes * block.expansion
             mods += [block(inplanes, planes) for _ in range(1, n)]

@@ -9,6 +9,7 @@ weight; sum over cameras, levels and points.
 The reference here does the same with `grid_sample(align_corners=False, padding_mode="zeros")`
 (which samples at u W - 0.5) and zeroes the weights of out-of-range points.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,9 @@ def deformable_aggregation_reference(feature_maps, points_2d, weights) -> torch.
     grid = (points_2d * 2 - 1).permute(0, 3, 1, 2, 4).flatten(0, 1)  # (bs*cams, N, P, 2)
     out = points_2d.new_zeros(bs, n, groups, c // groups)
     for level, fm in enumerate(feature_maps):
-        sampled = F.grid_sample(fm.flatten(0, 1), grid.to(fm.dtype), mode="bilinear", padding_mode="zeros",
-                                align_corners=False)  # fmt: skip
+        sampled = F.grid_sample(
+            fm.flatten(0, 1), grid.to(fm.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         sampled = sampled.reshape(bs, cams, groups, c // groups, n, p)
         w = weights[..., level, :] * valid[..., None]  # (bs, N, P, cams, groups)
         out = out + torch.einsum("bcgdnp,bnpcg->bngd", sampled.to(w.dtype), w)
@@ -77,12 +79,18 @@ def deformable_aggregation_loop(feature_maps, points_2d, weights) -> torch.Tenso
                         x, y = u * w - 0.5, v * h - 0.5
                         x0, y0 = int(torch.floor(torch.tensor(x))), int(torch.floor(torch.tensor(y)))
                         val = torch.zeros(c, dtype=torch.float64)
-                        for yy, xx, wt in ((y0, x0, (x0 + 1 - x) * (y0 + 1 - y)), (y0, x0 + 1, (x - x0) * (y0 + 1 - y)),
-                                           (y0 + 1, x0, (x0 + 1 - x) * (y - y0)), (y0 + 1, x0 + 1, (x - x0) * (y - y0))):  # fmt: skip
+                        for yy, xx, wt in (
+                            (y0, x0, (x0 + 1 - x) * (y0 + 1 - y)),
+                            (y0, x0 + 1, (x - x0) * (y0 + 1 - y)),
+                            (y0 + 1, x0, (x0 + 1 - x) * (y - y0)),
+                            (y0 + 1, x0 + 1, (x - x0) * (y - y0)),
+                        ):
                             if 0 <= yy < h and 0 <= xx < w:
                                 val += wt * fm[b, cam, :, yy, xx].double()
                         for g in range(groups):
-                            out[b, a, g * gd : (g + 1) * gd] += float(weights[b, a, k, cam, level, g]) * val[g * gd : (g + 1) * gd]
+                            out[b, a, g * gd : (g + 1) * gd] += (
+                                float(weights[b, a, k, cam, level, g]) * val[g * gd : (g + 1) * gd]
+                            )
     return out
 
 
@@ -97,6 +105,8 @@ def _fused_npu(feature_maps, points_2d, weights) -> torch.Tensor:
     sizes = shapes[:, 0] * shapes[:, 1]
     start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     spatial_shape = shapes[None].repeat(cams, 1, 1)
-    scale_start = start[None].repeat(cams, 1) + torch.arange(cams, device=flat.device, dtype=torch.int32)[:, None] * sizes.sum()
+    scale_start = (
+        start[None].repeat(cams, 1) + torch.arange(cams, device=flat.device, dtype=torch.int32)[:, None] * sizes.sum()
+    )
     out = mx_driving.deformable_aggregation(flat.flatten(1, 2), spatial_shape, scale_start, points_2d, weights)
     return out.reshape(bs, -1, c)

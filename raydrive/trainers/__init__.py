@@ -1,4 +1,5 @@
 """Registry of trainable models. Adding a model: one module with a TrainSpec, one line below."""
+
 from __future__ import annotations
 
 import dataclasses

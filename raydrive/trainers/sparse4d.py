@@ -1,4 +1,5 @@
 """Sparse4D v3 as a TrainSpec (upstream config: sparse4dv3_temporal_r50_1x8_bs6_256x704)."""
+
 from __future__ import annotations
 
 from raydrive.models.sparse4d.model import PRESETS, Sparse4D, Sparse4DConfig

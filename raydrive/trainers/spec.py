@@ -1,4 +1,5 @@
 """A model is a TrainSpec: what the shared loop needs to know about it, and nothing more."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

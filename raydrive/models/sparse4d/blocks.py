@@ -5,6 +5,7 @@ match the upstream state dict so that upstream checkpoints load with strict=True
 Anchor / box state layout (upstream `core/box3d.py`): X, Y, Z, W, L, H, SIN_YAW, COS_YAW, VX, VY, VZ,
 where slot "W" holds the log extent along the heading (our `l`), "L" the log width.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,11 +48,23 @@ class AnchorEncoder(nn.Module):
         def mlp(i, o):
             return nn.Sequential(*linear_relu_ln(o, 1, out_loops, i))
 
-        self.pos_fc, self.size_fc, self.yaw_fc, self.vel_fc = mlp(3, dims[0]), mlp(3, dims[1]), mlp(2, dims[2]), mlp(3, dims[3])
+        self.pos_fc, self.size_fc, self.yaw_fc, self.vel_fc = (
+            mlp(3, dims[0]),
+            mlp(3, dims[1]),
+            mlp(2, dims[2]),
+            mlp(3, dims[3]),
+        )
 
     def forward(self, anchor: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.pos_fc(anchor[..., [X, Y, Z]]), self.size_fc(anchor[..., [W, L, H]]),
-                          self.yaw_fc(anchor[..., [SIN_YAW, COS_YAW]]), self.vel_fc(anchor[..., VX:VZ + 1])], dim=-1)  # fmt: skip
+        return torch.cat(
+            [
+                self.pos_fc(anchor[..., [X, Y, Z]]),
+                self.size_fc(anchor[..., [W, L, H]]),
+                self.yaw_fc(anchor[..., [SIN_YAW, COS_YAW]]),
+                self.vel_fc(anchor[..., VX : VZ + 1]),
+            ],
+            dim=-1,
+        )
 
 
 class KeyPointsGenerator(nn.Module):
@@ -79,8 +92,9 @@ class KeyPointsGenerator(nn.Module):
         return torch.stack([x, y, pts[..., 2]], dim=-1) + anchor[..., None, [X, Y, Z]]
 
     @staticmethod
-    def anchor_projection(anchor: torch.Tensor, t_src2dst: torch.Tensor, time_interval: torch.Tensor,
-                          fix_yaw_swap: bool = False) -> torch.Tensor:  # fmt: skip
+    def anchor_projection(
+        anchor: torch.Tensor, t_src2dst: torch.Tensor, time_interval: torch.Tensor, fix_yaw_swap: bool = False
+    ) -> torch.Tensor:
         """Move cached anchors into the current frame: centre += v dt, then rigid transform.
 
         Upstream writes the rotated (cos, sin) into the (SIN, COS) slots (a "TODO: Fix bug" in
@@ -101,8 +115,16 @@ class KeyPointsGenerator(nn.Module):
 class DeformableFeatureAggregation(nn.Module):
     """Sample image features at key points of each anchor in every camera and level, weighted per group."""
 
-    def __init__(self, embed_dims: int = 256, num_groups: int = 8, num_levels: int = 4, num_cams: int = 6,
-                 attn_drop: float = 0.15, num_learnable_pts: int = 6, fix_scale=None):  # fmt: skip
+    def __init__(
+        self,
+        embed_dims: int = 256,
+        num_groups: int = 8,
+        num_levels: int = 4,
+        num_cams: int = 6,
+        attn_drop: float = 0.15,
+        num_learnable_pts: int = 6,
+        fix_scale=None,
+    ):
         super().__init__()
         self.embed_dims, self.num_groups, self.num_levels, self.num_cams = embed_dims, num_groups, num_levels, num_cams
         self.attn_drop = attn_drop
@@ -150,7 +172,9 @@ class DeformableFeatureAggregation(nn.Module):
 class AsymmetricFFN(nn.Module):
     """Pre-LN FFN from 2C (DFA output + its input) to C, with a linear identity branch."""
 
-    def __init__(self, in_channels: int = 512, embed_dims: int = 256, feedforward_channels: int = 1024, drop: float = 0.1):
+    def __init__(
+        self, in_channels: int = 512, embed_dims: int = 256, feedforward_channels: int = 1024, drop: float = 0.1
+    ):
         super().__init__()
         self.pre_norm = nn.LayerNorm(in_channels)
         self.layers = nn.Sequential(
@@ -185,7 +209,9 @@ class RefinementModule(nn.Module):
 
     def __init__(self, embed_dims: int = 256, num_cls: int = 10, output_dim: int = 11):
         super().__init__()
-        self.layers = nn.Sequential(*linear_relu_ln(embed_dims, 2, 2), nn.Linear(embed_dims, output_dim), Scale(output_dim))
+        self.layers = nn.Sequential(
+            *linear_relu_ln(embed_dims, 2, 2), nn.Linear(embed_dims, output_dim), Scale(output_dim)
+        )
         self.cls_layers = nn.Sequential(*linear_relu_ln(embed_dims, 1, 2), nn.Linear(embed_dims, num_cls))
         self.quality_layers = nn.Sequential(*linear_relu_ln(embed_dims, 1, 2), nn.Linear(embed_dims, 2))
 
@@ -195,7 +221,7 @@ class RefinementModule(nn.Module):
     def forward(self, instance_feature, anchor, anchor_embed, time_interval, return_cls=True):
         feature = instance_feature + anchor_embed
         out = self.layers(feature)
-        refined = out[..., :COS_YAW + 1] + anchor[..., :COS_YAW + 1]  # X..H and SIN, COS (refine_yaw)
+        refined = out[..., : COS_YAW + 1] + anchor[..., : COS_YAW + 1]  # X..H and SIN, COS (refine_yaw)
         vel = out[..., VX:] / time_interval[:, None, None] + anchor[..., VX:]
         box = torch.cat([refined, vel], dim=-1)
         if not return_cls:
@@ -206,8 +232,14 @@ class RefinementModule(nn.Module):
 class DenseDepthNet(nn.Module):
     """Auxiliary dense depth: a 1x1 conv per level, exp, scaled by focal / 100; L1 to lidar depth."""
 
-    def __init__(self, embed_dims: int = 256, num_depth_layers: int = 3, equal_focal: float = 100.0,
-                 max_depth: float = 60.0, loss_weight: float = 0.2):  # fmt: skip
+    def __init__(
+        self,
+        embed_dims: int = 256,
+        num_depth_layers: int = 3,
+        equal_focal: float = 100.0,
+        max_depth: float = 60.0,
+        loss_weight: float = 0.2,
+    ):
         super().__init__()
         self.equal_focal, self.max_depth, self.loss_weight = equal_focal, max_depth, loss_weight
         self.depth_layers = nn.ModuleList(nn.Conv2d(embed_dims, 1, 1) for _ in range(num_depth_layers))
@@ -255,8 +287,14 @@ class GridMask(nn.Module):
         return x * mask
 
 
-def focal_loss(logits: torch.Tensor, labels: torch.Tensor, avg_factor: float, alpha: float = 0.25,
-               gamma: float = 2.0, weight: float = 1.0) -> torch.Tensor:  # fmt: skip
+def focal_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    avg_factor: float,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    weight: float = 1.0,
+) -> torch.Tensor:
     """Sigmoid focal loss; a label outside [0, num_cls) (background, -3 DN negatives) is all-negative."""
     num_cls = logits.shape[-1]
     valid = (labels >= 0) & (labels < num_cls)
@@ -269,8 +307,14 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, avg_factor: float, al
     return loss.sum() / avg_factor * weight
 
 
-def gaussian_focal_loss(pred: torch.Tensor, target: torch.Tensor, avg_factor: float, alpha: float = 2.0,
-                        gamma: float = 4.0, eps: float = 1e-12) -> torch.Tensor:  # fmt: skip
+def gaussian_focal_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    avg_factor: float,
+    alpha: float = 2.0,
+    gamma: float = 4.0,
+    eps: float = 1e-12,
+) -> torch.Tensor:
     pos = -(pred + eps).log() * (1 - pred).pow(alpha) * target.eq(1)
     neg = -(1 - pred + eps).log() * pred.pow(alpha) * (1 - target).pow(gamma)
     return (pos + neg).sum() / avg_factor

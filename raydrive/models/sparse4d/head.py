@@ -8,6 +8,7 @@ instance_bank.py, detection3d/{target.py, losses.py, decoder.py}}`. What raydriv
   DN groups with positive and negative queries are;
 - tracking ids are not produced (detection only).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,14 +24,14 @@ from raydrive.models.sparse4d.blocks import (
     SIN_YAW,
     VX,
     YNS,
-    X,
-    Z,
     AnchorEncoder,
     AsymmetricFFN,
     DeformableFeatureAggregation,
     GraphAttention,
     KeyPointsGenerator,
     RefinementModule,
+    X,
+    Z,
     focal_loss,
     gaussian_focal_loss,
 )
@@ -54,11 +55,23 @@ def reduce_mean(x: torch.Tensor) -> torch.Tensor:
 class InstanceBank(nn.Module):
     """Learnable anchors (features zero and frozen) plus the top instances cached from the last frame."""
 
-    def __init__(self, num_anchor: int, embed_dims: int, anchor: np.ndarray | None, num_temp_instances: int,
-                 confidence_decay: float = 0.6, max_time_interval: float = 2.0, default_time_interval: float = 0.5,
-                 fix_yaw_swap: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        num_anchor: int,
+        embed_dims: int,
+        anchor: np.ndarray | None,
+        num_temp_instances: int,
+        confidence_decay: float = 0.6,
+        max_time_interval: float = 2.0,
+        default_time_interval: float = 0.5,
+        fix_yaw_swap: bool = False,
+    ):
         super().__init__()
-        anchor = np.zeros((num_anchor, 11), dtype=np.float32) if anchor is None else np.asarray(anchor, np.float32)[:num_anchor]
+        anchor = (
+            np.zeros((num_anchor, 11), dtype=np.float32)
+            if anchor is None
+            else np.asarray(anchor, np.float32)[:num_anchor]
+        )
         if len(anchor) < num_anchor:
             raise ValueError(f"the anchor file has {len(anchor)} rows, the model needs {num_anchor}")
         self.num_anchor, self.embed_dims, self.num_temp_instances = num_anchor, embed_dims, num_temp_instances
@@ -80,7 +93,9 @@ class InstanceBank(nn.Module):
             dt = (metas["timestamp"] - self.cached_metas["timestamp"]).to(feature.dtype)
             self.mask = (dt.abs() <= self.max_time_interval) & ~metas["seq_start"].bool()
             t_prev2cur = metas["T_global_inv"].to(torch.float64) @ self.cached_metas["T_global"].to(torch.float64)
-            self.cached_anchor = self.anchor_handler.anchor_projection(self.cached_anchor, t_prev2cur, dt, self.fix_yaw_swap)
+            self.cached_anchor = self.anchor_handler.anchor_projection(
+                self.cached_anchor, t_prev2cur, dt, self.fix_yaw_swap
+            )
             dt = torch.where((dt != 0) & self.mask, dt, dt.new_tensor(self.default_time_interval))
         else:
             self.reset()
@@ -111,8 +126,9 @@ class InstanceBank(nn.Module):
             return
         conf = confidence.detach().max(dim=-1).values.sigmoid()
         if self.confidence is not None:
-            conf[:, : self.num_temp_instances] = torch.maximum(self.confidence * self.confidence_decay,
-                                                               conf[:, : self.num_temp_instances])  # fmt: skip
+            conf[:, : self.num_temp_instances] = torch.maximum(
+                self.confidence * self.confidence_decay, conf[:, : self.num_temp_instances]
+            )
         self.cached_metas = {"timestamp": metas["timestamp"].detach(), "T_global": metas["T_global"].detach()}
         self.confidence, (self.cached_feature, self.cached_anchor) = _topk(
             conf, self.num_temp_instances, instance_feature.detach(), anchor.detach()
@@ -121,16 +137,34 @@ class InstanceBank(nn.Module):
 
 def encode_boxes(boxes: torch.Tensor) -> torch.Tensor:
     """(N, 9) x, y, z, l, w, h, yaw, vx, vy -> (N, 10) regression target x, y, z, log lwh, sin, cos, vx, vy."""
-    return torch.cat([boxes[:, :3], boxes[:, 3:6].log(), boxes[:, 6:7].sin(), boxes[:, 6:7].cos(), boxes[:, 7:]], dim=-1)
+    return torch.cat(
+        [boxes[:, :3], boxes[:, 3:6].log(), boxes[:, 6:7].sin(), boxes[:, 6:7].cos(), boxes[:, 7:]], dim=-1
+    )
 
 
 class Target:
     """Hungarian assignment and denoising queries (SparseBox3DTarget)."""
 
-    def __init__(self, num_cls=10, cls_weight=2.0, box_weight=0.25, alpha=0.25, gamma=2.0, num_dn_groups=5,
-                 dn_noise_scale=(2.0,) * 3 + (0.5,) * 7, max_dn_gt=32, reg_weights=(2.0,) * 3 + (0.5,) * 3 + (0.0,) * 4,
-                 cls_wise_reg_weights=None):  # fmt: skip
-        self.num_cls, self.cls_weight, self.box_weight, self.alpha, self.gamma = num_cls, cls_weight, box_weight, alpha, gamma
+    def __init__(
+        self,
+        num_cls=10,
+        cls_weight=2.0,
+        box_weight=0.25,
+        alpha=0.25,
+        gamma=2.0,
+        num_dn_groups=5,
+        dn_noise_scale=(2.0,) * 3 + (0.5,) * 7,
+        max_dn_gt=32,
+        reg_weights=(2.0,) * 3 + (0.5,) * 3 + (0.0,) * 4,
+        cls_wise_reg_weights=None,
+    ):
+        self.num_cls, self.cls_weight, self.box_weight, self.alpha, self.gamma = (
+            num_cls,
+            cls_weight,
+            box_weight,
+            alpha,
+            gamma,
+        )
         self.num_dn_groups, self.dn_noise_scale, self.max_dn_gt = num_dn_groups, dn_noise_scale, max_dn_gt
         self.reg_weights = reg_weights
         # traffic cone: no yaw in the cost, velocity counts (upstream config)
@@ -164,7 +198,9 @@ class Target:
                 continue
             target = encode_boxes(boxes_list[i])
             inst_w = self._instance_weights(labels_list[i], target)
-            cost = self._cls_cost(cls_pred[i], labels_list[i]) + self._box_cost(box_pred[i], torch.nan_to_num(target), inst_w)
+            cost = self._cls_cost(cls_pred[i], labels_list[i]) + self._box_cost(
+                box_pred[i], torch.nan_to_num(target), inst_w
+            )
             cost = cost.cpu().numpy()
             cost = np.where(np.isneginf(cost) | np.isnan(cost), 1e8, cost)
             pred_idx, gt_idx = linear_sum_assignment(cost)
@@ -226,14 +262,17 @@ class Sparse4DHead(nn.Module):
         self.anchor_encoder = AnchorEncoder(tuple(c.anchor_encoder_dims))
         single = ["deformable", "ffn", "norm", "refine"]
         multi = ["temp_gnn", "gnn", "norm", "deformable", "ffn", "norm", "refine"]
-        self.operation_order = single * c.num_single_frame_decoder + multi * (c.num_decoder - c.num_single_frame_decoder)
+        self.operation_order = single * c.num_single_frame_decoder + multi * (
+            c.num_decoder - c.num_single_frame_decoder
+        )
         build = {
             "temp_gnn": lambda: GraphAttention(2 * d, c.num_groups, c.dropout),
             "gnn": lambda: GraphAttention(2 * d, c.num_groups, c.dropout),
             "norm": lambda: nn.LayerNorm(d),
             "ffn": lambda: AsymmetricFFN(2 * d, d, 4 * d, c.dropout),
-            "deformable": lambda: DeformableFeatureAggregation(d, c.num_groups, c.num_levels, c.num_cams, c.attn_drop,
-                                                               c.num_learnable_pts, FIX_SCALE),  # fmt: skip
+            "deformable": lambda: DeformableFeatureAggregation(
+                d, c.num_groups, c.num_levels, c.num_cams, c.attn_drop, c.num_learnable_pts, FIX_SCALE
+            ),
             "refine": lambda: RefinementModule(d, c.num_classes),
         }
         self.layers = nn.ModuleList(build[op]() for op in self.operation_order)
@@ -271,7 +310,9 @@ class Sparse4DHead(nn.Module):
         num_free = anchor.shape[1]
         if dn is not None:
             dn_anchor, dn_box_target, dn_cls_target, dn_mask, dn_valid = dn
-            dn_anchor = torch.cat([dn_anchor, dn_anchor.new_zeros(*dn_anchor.shape[:2], anchor.shape[-1] - dn_anchor.shape[-1])], -1)
+            dn_anchor = torch.cat(
+                [dn_anchor, dn_anchor.new_zeros(*dn_anchor.shape[:2], anchor.shape[-1] - dn_anchor.shape[-1])], -1
+            )
             anchor = torch.cat([anchor, dn_anchor], dim=1)
             feature = torch.cat([feature, feature.new_zeros(bs, dn_anchor.shape[1], feature.shape[-1])], dim=1)
             total = anchor.shape[1]
@@ -286,8 +327,15 @@ class Sparse4DHead(nn.Module):
         for i, op in enumerate(self.operation_order):
             layer = self.layers[i]
             if op == "temp_gnn":
-                feature = self.graph_model(i, feature, anchor_embed, temp_feature, temp_embed, temp_feature,
-                                           attn_mask=attn_mask if temp_feature is None else None)  # fmt: skip
+                feature = self.graph_model(
+                    i,
+                    feature,
+                    anchor_embed,
+                    temp_feature,
+                    temp_embed,
+                    temp_feature,
+                    attn_mask=attn_mask if temp_feature is None else None,
+                )
             elif op == "gnn":
                 feature = self.graph_model(i, feature, anchor_embed, value=feature, attn_mask=attn_mask)
             elif op in ("norm", "ffn"):
@@ -306,13 +354,19 @@ class Sparse4DHead(nn.Module):
                     anchor_embed = self.anchor_encoder(anchor)
                 if len(predictions) > self.num_single_frame_decoder and temp_embed is not None:
                     temp_embed = anchor_embed[:, : self.instance_bank.num_temp_instances]
-        out = {"classification": [c[:, :num_free] if c is not None else None for c in classifications],
-               "prediction": [p[:, :num_free] for p in predictions],
-               "quality": [q[:, :num_free] if q is not None else None for q in qualities]}  # fmt: skip
+        out = {
+            "classification": [c[:, :num_free] if c is not None else None for c in classifications],
+            "prediction": [p[:, :num_free] for p in predictions],
+            "quality": [q[:, :num_free] if q is not None else None for q in qualities],
+        }
         if dn is not None:
-            out.update(dn_classification=[c[:, num_free:] for c in classifications],
-                       dn_prediction=[p[:, num_free:] for p in predictions], dn_reg_target=dn_box_target,
-                       dn_cls_target=dn_cls_target, dn_valid_mask=dn_valid)  # fmt: skip
+            out.update(
+                dn_classification=[c[:, num_free:] for c in classifications],
+                dn_prediction=[p[:, num_free:] for p in predictions],
+                dn_reg_target=dn_box_target,
+                dn_cls_target=dn_cls_target,
+                dn_valid_mask=dn_valid,
+            )
         self.instance_bank.cache(feature[:, :num_free], anchor[:, :num_free], cls[:, :num_free], metas)
         return out
 
@@ -327,8 +381,17 @@ class Sparse4DHead(nn.Module):
             num_pos = max(float(reduce_mean(mask.sum().to(reg.dtype))), 1.0)
             mask = mask & (cls.max(dim=-1).values.sigmoid() > self.cfg.cls_threshold_to_reg)
             losses[f"loss_cls_{k}"] = focal_loss(cls.flatten(0, 1), cls_target.flatten(), num_pos, weight=2.0)
-            losses.update(self._reg_loss(reg[mask], torch.nan_to_num(box_target[mask]), (weights * reg_w)[mask],
-                                         num_pos, f"_{k}", qt[mask] if qt is not None else None, cls_target[mask]))  # fmt: skip
+            losses.update(
+                self._reg_loss(
+                    reg[mask],
+                    torch.nan_to_num(box_target[mask]),
+                    (weights * reg_w)[mask],
+                    num_pos,
+                    f"_{k}",
+                    qt[mask] if qt is not None else None,
+                    cls_target[mask],
+                )
+            )
         if "dn_prediction" in out:
             valid = out["dn_valid_mask"].flatten(0, 1)
             dn_cls = out["dn_cls_target"].flatten(0, 1)[valid]
@@ -346,14 +409,18 @@ class Sparse4DHead(nn.Module):
         cos_sim = F.cosine_similarity(target[..., [SIN_YAW, COS_YAW]], box[..., [SIN_YAW, COS_YAW]], dim=-1)
         reverse = (cls_target == 5) & (cos_sim < 0)
         target = target.clone()
-        target[..., [SIN_YAW, COS_YAW]] = torch.where(reverse[..., None], -target[..., [SIN_YAW, COS_YAW]],
-                                                      target[..., [SIN_YAW, COS_YAW]])  # fmt: skip
+        target[..., [SIN_YAW, COS_YAW]] = torch.where(
+            reverse[..., None], -target[..., [SIN_YAW, COS_YAW]], target[..., [SIN_YAW, COS_YAW]]
+        )
         out = {f"loss_box{suffix}": (torch.abs(box - target) * weight).sum() / avg * 0.25}
         if quality is not None:
             cns_target = torch.exp(-torch.norm(target[..., X : Z + 1] - box[..., X : Z + 1], dim=-1))
-            out[f"loss_cns{suffix}"] = F.binary_cross_entropy_with_logits(quality[..., CNS], cns_target.detach(),
-                                                                          reduction="sum") / avg  # fmt: skip
-            yns_target = (F.cosine_similarity(target[..., [SIN_YAW, COS_YAW]], box[..., [SIN_YAW, COS_YAW]], dim=-1) > 0).float()
+            out[f"loss_cns{suffix}"] = (
+                F.binary_cross_entropy_with_logits(quality[..., CNS], cns_target.detach(), reduction="sum") / avg
+            )
+            yns_target = (
+                F.cosine_similarity(target[..., [SIN_YAW, COS_YAW]], box[..., [SIN_YAW, COS_YAW]], dim=-1) > 0
+            ).float()
             out[f"loss_yns{suffix}"] = gaussian_focal_loss(quality[..., YNS].sigmoid(), yns_target, avg)
         return out
 
@@ -374,5 +441,7 @@ class Sparse4DHead(nn.Module):
             b = box[i, idx[i] // num_cls]
             yaw = torch.atan2(b[:, SIN_YAW], b[:, COS_YAW])
             decoded = torch.cat([b[:, :3], b[:, 3:6].exp(), yaw[:, None], b[:, VX : VX + 2]], dim=-1)
-            results.append({"boxes": decoded.float().cpu(), "scores": scores[i].float().cpu(), "labels": labels[i].cpu()})
+            results.append(
+                {"boxes": decoded.float().cpu(), "scores": scores[i].float().cpu(), "labels": labels[i].cpu()}
+            )
         return results

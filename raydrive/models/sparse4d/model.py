@@ -5,6 +5,7 @@ dict matches upstream key for key (48,156,232 parameters); `small` trains on a C
 Mixed precision covers only backbone, neck and depth (upstream's `auto_fp16` on `extract_feat`);
 the head runs in fp32.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,19 +66,38 @@ class Sparse4DConfig:
 
 PRESETS: dict[str, dict] = {
     "full": {},
-    "small": dict(image_hw=(128, 352), backbone_depth=18, backbone_base_channels=16, backbone_blocks=(1, 1, 1, 1),
-                  backbone_with_cp=False, out_indices=(1, 2, 3), embed_dims=64, num_groups=4, num_decoder=3,
-                  num_anchor=100, num_temp_instances=50, num_learnable_pts=2, anchor_encoder_dims=(32, 8, 8, 16),
-                  num_dn_groups=1, num_depth_layers=2, decode_top_k=100),
-}  # fmt: skip
+    "small": dict(
+        image_hw=(128, 352),
+        backbone_depth=18,
+        backbone_base_channels=16,
+        backbone_blocks=(1, 1, 1, 1),
+        backbone_with_cp=False,
+        out_indices=(1, 2, 3),
+        embed_dims=64,
+        num_groups=4,
+        num_decoder=3,
+        num_anchor=100,
+        num_temp_instances=50,
+        num_learnable_pts=2,
+        anchor_encoder_dims=(32, 8, 8, 16),
+        num_dn_groups=1,
+        num_depth_layers=2,
+        decode_top_k=100,
+    ),
+}
 
 
 class Sparse4D(nn.Module):
     def __init__(self, cfg: Sparse4DConfig | None = None, anchor: np.ndarray | None = None):
         super().__init__()
         self.cfg = cfg = cfg or Sparse4DConfig()
-        self.img_backbone = ResNet(cfg.backbone_depth, cfg.backbone_base_channels, cfg.backbone_blocks,
-                                   cfg.out_indices, with_cp=cfg.backbone_with_cp)  # fmt: skip
+        self.img_backbone = ResNet(
+            cfg.backbone_depth,
+            cfg.backbone_base_channels,
+            cfg.backbone_blocks,
+            cfg.out_indices,
+            with_cp=cfg.backbone_with_cp,
+        )
         self.img_neck = FPN([self.img_backbone.out_channels[i] for i in cfg.out_indices], cfg.embed_dims)
         self.depth_branch = DenseDepthNet(cfg.embed_dims, cfg.num_depth_layers, loss_weight=cfg.depth_loss_weight)
         self.head = Sparse4DHead(cfg, anchor)
@@ -131,9 +151,13 @@ class Sparse4D(nn.Module):
         bank = self.head.instance_bank
         if bank.cached_anchor is None:
             return {}
-        return {"feature": bank.cached_feature.cpu(), "anchor": bank.cached_anchor.cpu(),
-                "confidence": bank.confidence.cpu(), "timestamp": bank.cached_metas["timestamp"].cpu(),
-                "T_global": bank.cached_metas["T_global"].cpu()}  # fmt: skip
+        return {
+            "feature": bank.cached_feature.cpu(),
+            "anchor": bank.cached_anchor.cpu(),
+            "confidence": bank.confidence.cpu(),
+            "timestamp": bank.cached_metas["timestamp"].cpu(),
+            "T_global": bank.cached_metas["T_global"].cpu(),
+        }
 
     def load_temporal_state(self, state: dict) -> None:
         bank = self.head.instance_bank
