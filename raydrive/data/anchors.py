@@ -2,6 +2,10 @@
 
 K-means with K=900 on the centres of all train boxes within 55 m; each anchor row is
 [x, y, z, log mean l, log mean w, log mean h, sin 0, cos 1, vx 0, vy 0, vz 0] (11 values).
+
+As upstream, "all boxes" means every `gt_boxes` row of the info records, whatever its `gt_names`:
+non-detection categories (kept under their raw nuScenes name, e.g. `movable_object.debris`, see
+`infos.class_name`) count towards both the clustered centres and the mean size.
 """
 
 from __future__ import annotations
@@ -10,12 +14,12 @@ import warnings
 
 import numpy as np
 
-from raydrive.data.constants import CLASSES
 from raydrive.data.infos import DataError
 
 
 def kmeans_anchors(records: list[dict], num_anchors: int = 900, max_range: float = 55.0, seed: int = 0) -> np.ndarray:
-    boxes = [r["gt_boxes"][np.isin(r["gt_names"], CLASSES)] for r in records]
+    # Sparse4D tools/anchor_generator.py: concatenate every info's gt_boxes, no class filter.
+    boxes = [np.asarray(r["gt_boxes"], dtype=np.float64).reshape(-1, 7) for r in records]
     boxes = np.concatenate(boxes) if boxes else np.zeros((0, 7))
     boxes = boxes[np.linalg.norm(boxes[:, :3], axis=1) <= max_range]
     if len(boxes) == 0:

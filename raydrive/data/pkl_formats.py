@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from raydrive.data import geometry as geo
 from raydrive.data.constants import CAMERAS, LIDAR
-from raydrive.data.infos import DataError, class_name, resolve_path
+from raydrive.data.infos import DataError, class_name
 
 FORMATS = ("sparse4d", "streampetr", "bevdepth")
 FILE_NAMES = {
@@ -45,16 +46,30 @@ _CAM_KEYS = (
 _SWEEP_KEYS = _CAM_KEYS[:-1]
 
 
+def _with_root(dataroot: str | os.PathLike, p: str) -> str:
+    """`dataroot` joined with a record's relative path, the root kept as the user typed it.
+
+    Upstream gets its paths from the devkit's `os.path.join(nusc.dataroot, filename)`, so a relative
+    `--root_path ./data/nuscenes` gives relative paths and an absolute one absolute paths
+    (Sparse4D tools/nuscenes_converter.py, `obtain_sensor2top` and `_fill_trainval_infos`).
+    """
+    return p if os.path.isabs(p) else os.path.join(os.fspath(dataroot), p)
+
+
 def _mmdet3d_info(rec: dict, dataroot: str) -> dict:
     def with_root(p):
-        return str(resolve_path(dataroot, p))
+        return _with_root(dataroot, p)
 
     cams = {}
     for cam in CAMERAS:
         c = {k: rec["cams"][cam][k] for k in _CAM_KEYS}
         c["data_path"] = with_root(c["data_path"])
         cams[cam] = c
-    sweeps = [{**{k: s[k] for k in _SWEEP_KEYS}, "data_path": with_root(s["data_path"])} for s in rec["sweeps"]]
+    # Upstream's sweep entries are typed "lidar" (`obtain_sensor2top(..., "lidar")`), not the channel.
+    sweeps = [
+        {**{k: s[k] for k in _SWEEP_KEYS}, "data_path": with_root(s["data_path"]), "type": "lidar"}
+        for s in rec["sweeps"]
+    ]
     return {
         "lidar_path": with_root(rec["lidar_path"]),
         "token": rec["token"],
@@ -68,8 +83,9 @@ def _mmdet3d_info(rec: dict, dataroot: str) -> dict:
         "gt_boxes": rec["gt_boxes"],
         "gt_names": np.array(list(rec["gt_names"])),
         "gt_velocity": rec["gt_velocity"],
-        "num_lidar_pts": rec["num_lidar_pts"],
-        "num_radar_pts": rec["num_radar_pts"],
+        # np.array of Python ints upstream: int64 (records keep int32).
+        "num_lidar_pts": np.asarray(rec["num_lidar_pts"], dtype=np.int64),
+        "num_radar_pts": np.asarray(rec["num_radar_pts"], dtype=np.int64),
         "valid_flag": rec["valid_flag"],
         "instance_inds": rec["instance_inds"],
     }
@@ -220,12 +236,25 @@ def records_from_pkl(path: str | Path, dataroot: str | None = None) -> tuple[lis
     return records, fmt, version
 
 
-def _strip_root(p: str, dataroot: str | None) -> str:
-    if dataroot:
-        root = str(Path(dataroot))
-        for prefix in (root + "/", str(Path(dataroot).resolve()) + "/"):
-            if p.startswith(prefix):
-                return p[len(prefix) :]
+def _strip_root(p: str, dataroot: str | os.PathLike | None) -> str:
+    """`p` relative to `dataroot` when it lies under it.
+
+    Paths may have been written with the root as typed (`./data/nuscenes/samples/...`), normalised, or
+    absolute, and `dataroot` may be given in another of those forms: compare normalised paths first,
+    then paths made absolute against the current directory (and the root with its links resolved).
+    """
+    if not dataroot:
+        return p
+    root = os.fspath(dataroot)
+    pairs = (
+        (os.path.normpath(root), os.path.normpath(p)),
+        (os.path.abspath(root), os.path.abspath(p)),
+        (str(Path(root).resolve()), os.path.abspath(p)),
+    )
+    for prefix, path in pairs:
+        prefix = prefix.rstrip(os.sep) + os.sep
+        if path.startswith(prefix):
+            return path[len(prefix) :]
     return p
 
 

@@ -114,7 +114,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     for fmt in cfg.pkl_formats:
         for split, records in splits.items():
             path = out / "pkl" / fmt / FILE_NAMES[fmt].format(split=split)
-            write_pkl(records, fmt, path, version, str(dataroot))
+            # the root as the user gave it: upstream keeps relative roots relative (pkl_formats._with_root)
+            write_pkl(records, fmt, path, version, cfg.dataroot or str(dataroot))
             pkls.append(
                 {"format": fmt, "split": split, "path": str(path.relative_to(out)), "sha256": sha256_file(path)}
             )
