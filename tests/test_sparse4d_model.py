@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from raydrive.models.sparse4d.model import PRESETS, Sparse4D, Sparse4DConfig
@@ -64,11 +65,12 @@ def _batch(cfg: Sparse4DConfig, t: float, seq_start: bool, bs: int = 1) -> dict:
     }
 
 
-def test_small_preset_trains_caches_and_resets_on_sequence_start():
+def test_small_preset_trains_caches_and_resets_slots_through_reset_state():
     torch.manual_seed(0)
     cfg = Sparse4DConfig(**PRESETS["small"])
     model = Sparse4D(cfg, np.random.default_rng(0).normal(size=(900, 11)).astype(np.float32))
-    losses = model.forward_train(_batch(cfg, 0.0, True))
+    model.reset_state(torch.tensor([True]))  # before anything is cached: a no-op
+    losses = model(_batch(cfg, 0.0, True))
     assert (
         all(torch.isfinite(v) for v in losses.values()) and "loss_dense_depth" in losses and "loss_cls_dn_0" in losses
     )
@@ -76,10 +78,59 @@ def test_small_preset_trains_caches_and_resets_on_sequence_start():
     assert model.head.instance_bank.anchor.grad.abs().sum() > 0
     bank = model.head.instance_bank
     assert bank.cached_anchor.shape == (1, cfg.num_temp_instances, 11)
-    model.forward_train(_batch(cfg, 0.5, False))
+    assert bank.instance_id is None  # no tracking ids in training
+    model(_batch(cfg, 0.5, False))
     assert bank.mask.tolist() == [True]  # same sequence: temporal instances used
-    model.forward_train(_batch(cfg, 1.0, True))
-    assert bank.mask.tolist() == [False]  # the lane says a new sequence starts: cache ignored
-    model.eval()
-    out = model.forward_test(_batch(cfg, 1.5, False))
+    model(_batch(cfg, 1.0, True))
+    assert bank.mask.tolist() == [True]  # the batch's seq_start is not read: the engine calls reset_state
+    model.reset_state(torch.tensor([True]))
+    model(_batch(cfg, 1.5, False))
+    assert bank.mask.tolist() == [False]  # the slot starts a new sequence: cache ignored
+    with pytest.raises(RuntimeError, match="predict"):
+        model.eval()(_batch(cfg, 2.0, False))
+    out = model.predict(_batch(cfg, 2.0, False))
+    assert out[0].keys() == {"boxes", "scores", "labels", "instance_ids"}
     assert out[0]["boxes"].shape == (cfg.decode_top_k, 9) and (out[0]["scores"][:-1] >= out[0]["scores"][1:]).all()
+    assert out[0]["labels"].dtype == out[0]["instance_ids"].dtype == torch.int64
+    with pytest.raises(RuntimeError, match="eval"):
+        model.train().predict(_batch(cfg, 2.5, False))
+
+
+def test_head_runs_in_fp32_under_an_ambient_autocast():
+    torch.manual_seed(0)
+    cfg = Sparse4DConfig(**PRESETS["small"])
+    model = Sparse4D(cfg, np.random.default_rng(0).normal(size=(900, 11)).astype(np.float32))
+    dtypes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            dtypes.setdefault(name, output[0].dtype)  # returns None: the output stays
+
+        return hook
+
+    model.img_neck.register_forward_hook(record("neck"))
+    model.head.layers[-1].register_forward_hook(record("head"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(_batch(cfg, 0.0, True))
+    assert dtypes == {"neck": torch.bfloat16, "head": torch.float32}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+
+
+def test_temporal_states_swap_between_micro_batches_in_training():
+    """The engine holds one temporal state per micro-batch lane and swaps them: a held state is not changed
+    by later forwards, and loading it again reproduces the losses exactly."""
+    cfg = Sparse4DConfig(**PRESETS["small"])
+    model = Sparse4D(cfg, np.random.default_rng(0).normal(size=(900, 11)).astype(np.float32))
+    model(_batch(cfg, 0.0, True))
+    held = model.temporal_state()
+    frozen = {k: v.clone() for k, v in held.items()}
+    batch = _batch(cfg, 0.5, False)
+    torch.manual_seed(1)
+    first = model(batch)
+    model(_batch(cfg, 1.0, False))
+    for key, value in frozen.items():
+        torch.testing.assert_close(held[key], value, rtol=0, atol=0)
+    model.load_temporal_state(held)
+    torch.manual_seed(1)
+    again = model(batch)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)

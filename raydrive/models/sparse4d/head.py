@@ -2,11 +2,14 @@
 
 Behaviour from HorizonRobotics/Sparse4D `projects/mmdet3d_plugin/models/{sparse4d_head.py,
 instance_bank.py, detection3d/{target.py, losses.py, decoder.py}}`. What raydrive does differently:
-- the temporal cache is reset per batch slot where the lane says a new sequence starts (upstream
-  relies on the >2 s timestamp jump between scenes; raydrive does both);
+- the temporal cache is also reset per batch slot where the lane says a new sequence starts, through
+  `InstanceBank.reset(slots)` (upstream relies on the >2 s timestamp jump between scenes; raydrive does
+  both);
 - temporal denoising groups (optional in the spec) are not carried across frames; the 5 single-frame
   DN groups with positive and negative queries are;
-- tracking ids are not produced (detection only).
+- tracking ids are produced in eval mode as upstream's instance bank does (no score threshold, as in
+  the v3 config), and decoding is upstream's `SparseBox3DDecoder` with ids: one box per query, its best
+  class; in train mode no ids are kept (upstream leaves stale ones).
 """
 
 from __future__ import annotations
@@ -82,16 +85,32 @@ class InstanceBank(nn.Module):
         self.anchor_handler = KeyPointsGenerator(embed_dims)  # only its anchor_projection; fix_scale (1, 3) keeps keys
         self.reset()
 
-    def reset(self):
-        self.cached_feature = self.cached_anchor = self.cached_metas = None
-        self.mask = self.confidence = None
+    def reset(self, slots: torch.Tensor | None = None):
+        """`None`: forget everything (cache, tracking ids, the id counter). A bool (batch,) tensor: those
+        slots start a new sequence; the next `get()` ignores their cached instances (as it does past
+        `max_time_interval`) and `update()` gives their queries id -1."""
+        if slots is None:
+            self.cached_feature = self.cached_anchor = self.cached_metas = None
+            self.mask = self.confidence = self.temp_confidence = None
+            self.instance_id = None
+            self.prev_id: int | torch.Tensor = 0  # next new tracking id
+            self.pending_reset: torch.Tensor | None = None  # slots whose cache the next get() drops
+            return
+        slots = slots.to(self.anchor.device, torch.bool, copy=True).reshape(-1)
+        if self.pending_reset is not None and self.pending_reset.shape == slots.shape:
+            slots = slots | self.pending_reset
+        self.pending_reset = slots
 
     def get(self, batch_size: int, metas: dict):
         feature = self.instance_feature[None].expand(batch_size, -1, -1)
         anchor = self.anchor[None].expand(batch_size, -1, -1)
         if self.cached_anchor is not None and self.cached_anchor.shape[0] == batch_size:
             dt = (metas["timestamp"] - self.cached_metas["timestamp"]).to(feature.dtype)
-            self.mask = (dt.abs() <= self.max_time_interval) & ~metas["seq_start"].bool()
+            self.mask = dt.abs() <= self.max_time_interval
+            if self.pending_reset is not None:
+                if self.pending_reset.shape != (batch_size,):
+                    raise ValueError(f"reset slots {tuple(self.pending_reset.shape)} for a batch of {batch_size}")
+                self.mask = self.mask & ~self.pending_reset.to(self.mask.device)
             t_prev2cur = metas["T_global_inv"].to(torch.float64) @ self.cached_metas["T_global"].to(torch.float64)
             self.cached_anchor = self.anchor_handler.anchor_projection(
                 self.cached_anchor, t_prev2cur, dt, self.fix_yaw_swap
@@ -100,6 +119,7 @@ class InstanceBank(nn.Module):
         else:
             self.reset()
             dt = feature.new_full((batch_size,), self.default_time_interval)
+        self.pending_reset = None
         return feature, anchor, self.cached_feature, self.cached_anchor, dt
 
     def update(self, instance_feature, anchor, confidence):
@@ -116,6 +136,8 @@ class InstanceBank(nn.Module):
         m = self.mask[:, None, None]
         instance_feature = torch.where(m, sel_feat, instance_feature)
         anchor = torch.where(m, sel_anchor, anchor)
+        if self.instance_id is not None:  # slots that dropped their cache: their queries have no id yet
+            self.instance_id = torch.where(self.mask[:, None], self.instance_id, self.instance_id.new_tensor(-1))
         if num_dn > 0:
             instance_feature = torch.cat([instance_feature, dn_feat], dim=1)
             anchor = torch.cat([anchor, dn_anchor], dim=1)
@@ -129,10 +151,67 @@ class InstanceBank(nn.Module):
             conf[:, : self.num_temp_instances] = torch.maximum(
                 self.confidence * self.confidence_decay, conf[:, : self.num_temp_instances]
             )
+        self.temp_confidence = conf  # which queries' ids update_instance_id() keeps
         self.cached_metas = {"timestamp": metas["timestamp"].detach(), "T_global": metas["T_global"].detach()}
         self.confidence, (self.cached_feature, self.cached_anchor) = _topk(
             conf, self.num_temp_instances, instance_feature.detach(), anchor.detach()
         )
+
+    def get_instance_id(self, confidence: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """(batch, num_anchor) tracking ids of this frame's queries, after `cache()`: cached instances keep
+        theirs, every other query (above `threshold`, if any) gets the next new id, in row-major order."""
+        conf = confidence.max(dim=-1).values.sigmoid()
+        ids = torch.full(conf.shape, -1, dtype=torch.long, device=conf.device)
+        if self.instance_id is not None and self.instance_id.shape[0] == ids.shape[0]:
+            ids[:, : self.instance_id.shape[1]] = self.instance_id
+        new = ids < 0
+        if threshold is not None:
+            new = new & (conf >= threshold)
+        prev_id = torch.as_tensor(self.prev_id, dtype=torch.long, device=ids.device)
+        order = new.flatten().cumsum(0).reshape(new.shape) - 1  # counting without a host sync
+        ids = torch.where(new, order + prev_id, ids)
+        self.prev_id = prev_id + new.sum()
+        if self.num_temp_instances > 0:
+            self.update_instance_id(ids, conf)
+        return ids
+
+    def update_instance_id(self, ids: torch.Tensor, conf: torch.Tensor):
+        """Keep the ids of the instances `cache()` kept (the top `num_temp_instances` of temp_confidence,
+        which lead the next frame's queries); the other slots are -1."""
+        temp_conf = self.temp_confidence if self.temp_confidence is not None else conf
+        kept = torch.gather(ids, 1, torch.topk(temp_conf, self.num_temp_instances, dim=1).indices)
+        self.instance_id = F.pad(kept, (0, self.num_anchor - self.num_temp_instances), value=-1)
+
+    # every tensor the bank carries from one frame to the next, under the keys of `state()`
+    _STATE = {
+        "feature": "cached_feature",
+        "anchor": "cached_anchor",
+        "confidence": "confidence",
+        "temp_confidence": "temp_confidence",
+        "instance_id": "instance_id",
+        "seq_reset": "pending_reset",
+    }
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The temporal state as tensor references. Nothing here is changed in place by a later frame
+        (each frame assigns new tensors), so a caller may hold it and `load_state` it later."""
+        out = {key: getattr(self, attr) for key, attr in self._STATE.items() if getattr(self, attr) is not None}
+        if self.cached_metas is not None:
+            out["timestamp"], out["T_global"] = self.cached_metas["timestamp"], self.cached_metas["T_global"]
+        out["prev_id"] = torch.as_tensor(self.prev_id, dtype=torch.long)
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `state()`'s output; `{}` is a full reset."""
+        self.reset()
+        device = self.anchor.device
+        for key, attr in self._STATE.items():
+            if key in state:
+                setattr(self, attr, state[key].to(device))
+        if "timestamp" in state:
+            self.cached_metas = {"timestamp": state["timestamp"].to(device), "T_global": state["T_global"].to(device)}
+        if "prev_id" in state:
+            self.prev_id = state["prev_id"].to(device, torch.long)
 
 
 def encode_boxes(boxes: torch.Tensor) -> torch.Tensor:
@@ -368,6 +447,10 @@ class Sparse4DHead(nn.Module):
                 dn_valid_mask=dn_valid,
             )
         self.instance_bank.cache(feature[:, :num_free], anchor[:, :num_free], cls[:, :num_free], metas)
+        if self.training:
+            self.instance_bank.instance_id = None  # ids are not tracked in training; they would go stale
+        else:  # upstream sparse4d_head.py forward: ids for every query (the v3 decoder has no score threshold)
+            out["instance_id"] = self.instance_bank.get_instance_id(cls[:, :num_free])
         return out
 
     def loss(self, out: dict, gt_labels: list[torch.Tensor], gt_boxes: list[torch.Tensor]) -> dict:
@@ -426,22 +509,34 @@ class Sparse4DHead(nn.Module):
 
     @torch.no_grad()
     def decode(self, out: dict, num_output: int = 300) -> list[dict]:
-        """Top scores of the last layer, re-weighted by predicted centerness; boxes as x,y,z,l,w,h,yaw,vx,vy."""
-        cls = out["classification"][-1].sigmoid()
+        """Per frame: `boxes` (N, 9: x, y, z, l, w, h, yaw, vx, vy), `scores`, `labels`, `instance_ids`.
+
+        Upstream's `SparseBox3DDecoder.decode` with instance ids (`detection3d/decoder.py`, squeeze_cls):
+        each query keeps its best class; the top `num_output` queries by that score, each score times
+        the query's sigmoid centerness, sorted again. `instance_ids` are -1 where `out` has none.
+        """
+        score, label = out["classification"][-1].sigmoid().max(dim=-1)
         box = out["prediction"][-1]
-        bs, n, num_cls = cls.shape
-        scores, idx = cls.flatten(1).topk(min(num_output, n * num_cls), dim=1)
-        labels = idx % num_cls
-        centerness = torch.gather(out["quality"][-1][..., CNS], 1, idx // num_cls).sigmoid()
-        scores = scores * centerness
-        scores, order = scores.sort(dim=1, descending=True)
-        idx, labels = torch.gather(idx, 1, order), torch.gather(labels, 1, order)
+        scores, idx = score.topk(min(num_output, score.shape[1]), dim=1)
+        quality = out.get("quality")
+        if quality is not None and quality[-1] is not None:
+            scores = scores * torch.gather(quality[-1][..., CNS], 1, idx).sigmoid()
+            scores, order = scores.sort(dim=1, descending=True)
+            idx = torch.gather(idx, 1, order)
+        labels = torch.gather(label, 1, idx)
+        ids = out.get("instance_id")
+        ids = torch.gather(ids, 1, idx) if ids is not None else torch.full_like(idx, -1)
         results = []
-        for i in range(bs):
-            b = box[i, idx[i] // num_cls]
+        for i in range(idx.shape[0]):
+            b = box[i, idx[i]]
             yaw = torch.atan2(b[:, SIN_YAW], b[:, COS_YAW])
             decoded = torch.cat([b[:, :3], b[:, 3:6].exp(), yaw[:, None], b[:, VX : VX + 2]], dim=-1)
             results.append(
-                {"boxes": decoded.float().cpu(), "scores": scores[i].float().cpu(), "labels": labels[i].cpu()}
+                {
+                    "boxes": decoded.float().cpu(),
+                    "scores": scores[i].float().cpu(),
+                    "labels": labels[i].long().cpu(),
+                    "instance_ids": ids[i].long().cpu(),
+                }
             )
         return results

@@ -2,13 +2,18 @@
 
 The `full` preset is the upstream `sparse4dv3_temporal_r50_1x8_bs6_256x704` config and its state
 dict matches upstream key for key (48,156,232 parameters); `small` trains on a CPU in minutes.
-Mixed precision covers only backbone, neck and depth (upstream's `auto_fp16` on `extract_feat`);
-the head runs in fp32.
+The engine drives it through `raydrive.spec.DrivingModel`: `forward` (train-mode loss terms),
+`predict` (eval: boxes, scores, labels and tracking ids per frame), `reset_state` (all temporal state,
+or the batch slots that start a new sequence) and `temporal_state` / `load_temporal_state` (the
+instance bank's cache, for checkpoints and for swapping between gradient-accumulation micro-batches).
+
+Mixed precision: the engine runs `forward` / `predict` under `torch.autocast` for fp16/bf16. Backbone,
+neck and depth net run under it (upstream's `auto_fp16` on `extract_feat`); the head and the losses
+disable it and run in fp32 (upstream's `force_fp32`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,22 +107,16 @@ class Sparse4D(nn.Module):
         self.depth_branch = DenseDepthNet(cfg.embed_dims, cfg.num_depth_layers, loss_weight=cfg.depth_loss_weight)
         self.head = Sparse4DHead(cfg, anchor)
         self.grid_mask = GridMask() if cfg.use_grid_mask else None
-        self.amp_dtype: torch.dtype | None = None  # set by the engine: autocast for backbone, neck, depth
-
-    def _autocast(self, device_type: str):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device_type, dtype=self.amp_dtype)
 
     def extract_feat(self, img: torch.Tensor, focal: torch.Tensor | None = None):
+        """Backbone, neck and (with `focal`) depth, under whatever autocast the caller set; fp32 features."""
         bs, cams = img.shape[:2]
         x = img.flatten(0, 1)
-        with self._autocast(img.device.type):
-            if self.grid_mask is not None:
-                x = self.grid_mask(x)
-            feats = self.img_neck(self.img_backbone(x))
-            feats = [f.reshape(bs, cams, *f.shape[1:]) for f in feats]
-            depths = self.depth_branch(feats, focal) if focal is not None else None
+        if self.grid_mask is not None:
+            x = self.grid_mask(x)
+        feats = self.img_neck(self.img_backbone(x))
+        feats = [f.reshape(bs, cams, *f.shape[1:]) for f in feats]
+        depths = self.depth_branch(feats, focal) if focal is not None else None
         return [f.float() for f in feats], depths
 
     @staticmethod
@@ -128,56 +127,52 @@ class Sparse4D(nn.Module):
             "T_global": batch["T_global"].to(device, torch.float64),
             "T_global_inv": batch["T_global_inv"].to(device, torch.float64),
             "timestamp": batch["timestamp"].to(device, torch.float64),
-            "seq_start": batch["seq_start"].to(device, torch.bool),
         }
 
-    def forward_train(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Train mode: the loss terms. Sequence starts come through `reset_state`, not the batch."""
+        if not self.training:
+            raise RuntimeError("Sparse4D.forward computes training losses: call train() first, or predict()")
         device = next(self.parameters()).device
         img = batch["img"].to(device, non_blocking=True)
         focal = batch["focal"].to(device, torch.float32)
         feats, depths = self.extract_feat(img, focal)
         labels = [x.to(device) for x in batch["gt_labels"]]
         boxes = [x.to(device, torch.float32) for x in batch["gt_boxes"]]
-        metas = self.metas(batch, device)
-        out = self.head(feats, metas, labels, boxes)
-        losses = self.head.loss(out, labels, boxes)
-        if depths is not None and "depth" in batch:
-            gt = depth_maps(batch["depth"], [d.shape[-2:] for d in depths], self.cfg.image_hw, img.shape[1], device)
-            losses["loss_dense_depth"] = self.depth_branch.loss(depths, gt)
+        with torch.autocast(device.type, enabled=False):  # the head and the losses run in fp32
+            out = self.head(feats, self.metas(batch, device), labels, boxes)
+            losses = self.head.loss(out, labels, boxes)
+            if depths is not None and "depth" in batch:
+                shapes = [d.shape[-2:] for d in depths]
+                gt = depth_maps(batch["depth"], shapes, self.cfg.image_hw, img.shape[1], device)
+                losses["loss_dense_depth"] = self.depth_branch.loss([d.float() for d in depths], gt)
         return losses
 
-    def temporal_state(self) -> dict:
-        """The instance bank's cache (per batch slot), so that a resumed run continues exactly."""
-        bank = self.head.instance_bank
-        if bank.cached_anchor is None:
-            return {}
-        return {
-            "feature": bank.cached_feature.cpu(),
-            "anchor": bank.cached_anchor.cpu(),
-            "confidence": bank.confidence.cpu(),
-            "timestamp": bank.cached_metas["timestamp"].cpu(),
-            "T_global": bank.cached_metas["T_global"].cpu(),
-        }
-
-    def load_temporal_state(self, state: dict) -> None:
-        bank = self.head.instance_bank
-        bank.reset()
-        if state:
-            device = bank.anchor.device
-            bank.cached_feature, bank.cached_anchor = state["feature"].to(device), state["anchor"].to(device)
-            bank.confidence = state["confidence"].to(device)
-            bank.cached_metas = {"timestamp": state["timestamp"].to(device), "T_global": state["T_global"].to(device)}
-
-    def forward(self, batch: dict):
-        """Train mode: loss terms; eval mode: decoded boxes (one entry per frame)."""
-        return self.forward_train(batch) if self.training else self.forward_test(batch)
-
     @torch.no_grad()
-    def forward_test(self, batch: dict) -> list[dict]:
+    def predict(self, batch: dict) -> list[dict]:
+        """Eval mode: per frame `boxes` (N, 9), `scores`, `labels`, `instance_ids` (CPU tensors)."""
+        if self.training:
+            raise RuntimeError("Sparse4D.predict decodes in eval mode: call eval() first")
         device = next(self.parameters()).device
-        feats, _ = self.extract_feat(batch["img"].to(device))
-        out = self.head(feats, self.metas(batch, device))
+        feats, _ = self.extract_feat(batch["img"].to(device, non_blocking=True))
+        with torch.autocast(device.type, enabled=False):
+            out = self.head(feats, self.metas(batch, device))
         return self.head.decode(out, self.cfg.decode_top_k)
+
+    def reset_state(self, slots: torch.Tensor | None = None) -> None:
+        """None: forget all temporal state (cache, tracking ids, id counter). A bool (batch,) tensor: those
+        slots start a new sequence at the next forward / predict."""
+        self.head.instance_bank.reset(slots)
+
+    def temporal_state(self) -> dict[str, torch.Tensor]:
+        """The instance bank's state per batch slot (cached feature / anchor / confidence / temp_confidence,
+        timestamp, T_global, instance_id, prev_id, a pending slot reset), as references: later frames
+        assign new tensors and never change these in place."""
+        return self.head.instance_bank.state()
+
+    def load_temporal_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `temporal_state()`'s output (also an older checkpoint's subset); `{}` is a full reset."""
+        self.head.instance_bank.load_state(state)
 
 
 def depth_maps(points: list[torch.Tensor], shapes, image_hw, num_cams: int, device) -> list[torch.Tensor]:
