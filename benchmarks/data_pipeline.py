@@ -1,9 +1,10 @@
 """Ray Data pipeline vs a plain torch DataLoader doing the same per-frame work, side by side.
 
-Both paths run `raydrive.data.pipeline.load_frames` (JPEG decode, resize/crop/flip/rotate folded
-into the projections, photometric distortion, normalisation, BEV augmentation, depth points) on the
-same planned rows, with the same number of parallel workers on the same cores. Prints time to first
-batch, steady samples/s (one sample = one 6-camera frame) and the Ray/DataLoader ratio.
+Both paths run Sparse4D's frame mapper (`raydrive/models/sparse4d/mapper.py`: JPEG decode,
+resize/crop/flip/rotate folded into the projections, photometric distortion, normalisation, BEV
+augmentation, depth points) on the same planned rows, with the same number of parallel workers on
+the same cores. Prints time to first batch, steady samples/s (one sample = one 6-camera frame) and
+the Ray/DataLoader ratio.
 
     python benchmarks/data_pipeline.py                 # embedded default set, 256x704 outputs
     python benchmarks/data_pipeline.py --prepared P --batch-size 2 --workers 2
@@ -31,49 +32,51 @@ def _time_batches(batches) -> tuple[float, float, int]:
 
 
 def run_ray(pipe, args) -> tuple[float, float, int]:
-    return _time_batches(pipe.batches(epoch=0, rank=0, world_size=1))
+    return _time_batches(pipe.stream(0, 0, 0, pipe.steps_per_epoch()))
 
 
 class _PlannedFrames:
     """torch Dataset over the same planned rows, one frame per item."""
 
-    def __init__(self, rows, loader_cfg):
-        self.rows, self.cfg = rows, loader_cfg
+    def __init__(self, rows, mapper):
+        self.rows, self.mapper = rows, mapper
 
     def __len__(self):
         return self.rows.num_rows
 
     def __getitem__(self, i):
-        from raydrive.data.pipeline import arrow_to_numpy_batch, load_frames
+        from raydrive.data.pipeline import arrow_to_numpy_batch, map_block
 
-        return load_frames(arrow_to_numpy_batch(self.rows.slice(i, 1)), self.cfg)
+        return map_block(arrow_to_numpy_batch(self.rows.slice(i, 1)), self.mapper)
 
 
-def _collate(items):
-    from raydrive.data.pipeline import RAGGED_KEYS, collate
+def _collate(items, mapper):
+    from raydrive.data.pipeline import collate
 
     batch = {}
     for k in items[0]:
         vals = [it[k] for it in items]
-        if k in RAGGED_KEYS:
+        if k in mapper.ragged:
             obj = np.empty(len(vals), dtype=object)
             obj[:] = [v[0] for v in vals]
             batch[k] = obj
         else:
             batch[k] = np.concatenate(vals)
-    return collate(batch)
+    return collate(batch, mapper)
 
 
 def run_dataloader(pipe, args) -> tuple[float, float, int]:
+    import functools
+
     from torch.utils.data import DataLoader
 
-    rows = pipe.rows(epoch=0, rank=0, world_size=1)
+    rows = pipe.rows(epoch=0, rank=0)
     loader = DataLoader(
-        _PlannedFrames(rows, pipe.loader_cfg),
+        _PlannedFrames(rows, pipe.mapper),
         batch_size=args.batch_size,
         shuffle=False,
         num_workers=args.workers,
-        collate_fn=_collate,
+        collate_fn=functools.partial(_collate, mapper=pipe.mapper),
         prefetch_factor=2,
         persistent_workers=False,
     )
@@ -91,18 +94,22 @@ def main() -> None:
 
     import ray
 
-    from raydrive.data.augment import AugConfig
+    from raydrive.config import Batching
     from raydrive.data.pipeline import FramePipeline, PipelineConfig
+    from raydrive.models.sparse4d.mapper import Sparse4DMapper
+    from raydrive.trainers import get_spec
 
     prepared = args.prepared
     if prepared is None:
         from raydrive.data.default import ensure_default_data
 
         prepared = str(ensure_default_data()[1])
-    cfg = PipelineConfig(
-        prepared=prepared, batch_size=args.batch_size, aug=AugConfig(final_hw=(args.height, args.width))
+    train_cfg = get_spec("sparse4d").config("full")  # upstream augmentation, photometric step included
+    train_cfg.data.prepared, train_cfg.model.image_hw = prepared, (args.height, args.width)
+    b = args.batch_size
+    pipe = FramePipeline(
+        PipelineConfig(prepared=prepared, batching=Batching(1, b, 1, b)), Sparse4DMapper(train_cfg, True)
     )
-    pipe = FramePipeline(cfg)
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 

@@ -49,11 +49,22 @@ def _prepare(args) -> int:
             split=args.split,
             pkl_formats=args.pkl_format or [],
             depth_gt=not args.no_depth_gt,
-            anchors=not args.no_anchors,
+            assets=_assets_for(args),
         )
     )
     _summary(manifest, Path(out).resolve())
     return 0
+
+
+def _assets_for(args) -> tuple[str, ...] | None:
+    """The prepared assets to make: none, those of the --for models, or (None) all registered ones."""
+    if args.no_assets:
+        return ()
+    if not args.models:
+        return None
+    from raydrive.trainers import get_spec
+
+    return tuple(dict.fromkeys(a for m in args.models for a in get_spec(m).assets))
 
 
 def _summary(manifest: dict, out: Path) -> None:
@@ -61,8 +72,8 @@ def _summary(manifest: dict, out: Path) -> None:
         print(f"{split:>6}: {info['frames']} frames, {info['scenes']} scenes, {info['boxes']} boxes")
     if "depth_gt" in manifest:
         print(f"depth gt: {manifest['depth_gt']['files']} files")
-    if "anchors" in manifest:
-        print(f"anchors: {manifest['anchors']['path']} {tuple(manifest['anchors']['shape'])}")
+    for name, asset in manifest.get("assets", {}).items():
+        print(f"{name}: {asset['path']} {tuple(asset['shape'])}")
     for p in manifest.get("pkl", []):
         print(f"pkl ({p['format']}): {p['path']}")
     print(f"manifest: {out / 'manifest.json'}")
@@ -72,14 +83,16 @@ def _eval(args) -> int:
     from raydrive.eval.detection import evaluate_file, format_table
 
     if args.checkpoint:
-        from raydrive.train import evaluate_checkpoint
+        from raydrive.launch.evaluate import evaluate_checkpoint
 
-        metrics = evaluate_checkpoint(args.checkpoint, args.prepared, args.dataroot)["eval_metrics"]
+        metrics, evaluator = evaluate_checkpoint(args.model, args.checkpoint, args.prepared, args.dataroot)
+        table = evaluator.format(metrics)
     elif args.results and args.dataroot:
         metrics = evaluate_file(args.results, args.dataroot, args.version, args.eval_set, args.output_dir)
+        table = format_table(metrics)
     else:
         raise DataError("give --checkpoint CKPT (with a model name), or --dataroot D and --results FILE")
-    print(format_table(metrics))
+    print(table)
     if args.output_dir:
         (Path(args.output_dir) / "raydrive_metrics.json").write_text(json.dumps(metrics, indent=2))
     return 0
@@ -106,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "prepare",
-        help="nuScenes tree or upstream info pkl -> parquet, depth GT, anchors",
+        help="nuScenes tree or upstream info pkl -> parquet, depth GT, the models' assets",
         description="With neither --dataroot nor --from-pkl: prepare the embedded synthetic default.",
     )
     s.add_argument("--dataroot", help="nuScenes tree (with --from-pkl: the prefix to strip from its paths)")
@@ -121,7 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the upstream pkl layout (repeatable)",
     )
     s.add_argument("--no-depth-gt", action="store_true", help="skip the depth ground truth")
-    s.add_argument("--no-anchors", action="store_true", help="skip the k-means anchors")
+    s.add_argument(
+        "--for",
+        dest="models",
+        action="append",
+        metavar="MODEL",
+        help="make the assets of this model (repeatable; default: of every registered model)",
+    )
+    s.add_argument("--no-assets", action="store_true", help="make no model assets (e.g. k-means anchors)")
     s.set_defaults(func=_prepare)
 
     s = sub.add_parser("train", help="train a model on Ray (same as python -m raydrive.train)", add_help=False)
@@ -152,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":
-        from raydrive.train import main as train_main
+        from raydrive.launch.train import main as train_main
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -65,7 +65,7 @@ def diagnose(storage_path: str | None = None, prepared: str | None = None) -> li
     )
 
     if not ray.is_initialized():
-        from raydrive.train import connect_ray
+        from raydrive.launch.cluster import connect_ray
 
         connect_ray()
     ctx = ray.get_runtime_context()

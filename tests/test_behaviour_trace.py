@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from raydrive.train import build_parser, resolve_config, run
+from raydrive.launch.train import build_parser, resolve_config, run
 
 TRACE = Path(__file__).parent / "data" / "sparse4d_small_trace.json"
 TINY = [
@@ -25,29 +25,10 @@ TINY = [
 
 @pytest.mark.slow
 def test_sparse4d_small_matches_the_reference_trace(prepared, synth_root, ray_local, tmp_path):
-    argv = [
-        "sparse4d",
-        "--preset",
-        "small",
-        "--prepared",
-        str(prepared),
-        "--dataroot",
-        str(synth_root),
-        "--storage-path",
-        str(tmp_path),
-        "--name",
-        "trace",
-        "--batch-size",
-        "2",
-        "--num-workers",
-        "1",
-        "--no-eval",
-        "--max-steps",
-        "6",
-        "run.checkpoint_every=100",
-        "run.evaluate_before=false",
-        *TINY,
-    ]
+    # the reference's global batch: 1 worker x batch 2, no accumulation (the small preset's default is 4)
+    flags = "--preset small --name trace --batch-size 2 --num-workers 1 --global-batch 2 --no-eval --max-steps 6"
+    argv = ["sparse4d", *flags.split(), "--prepared", str(prepared), "--dataroot", str(synth_root)]
+    argv += ["--storage-path", str(tmp_path), "run.checkpoint_every=100", "run.evaluate_before=false", *TINY]
     result = run(resolve_config(build_parser().parse_intermixed_args(argv)))
     assert result.error is None, result.error
     got = {h["step"]: h for h in result.metrics["history"]}

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from raydrive.config import ConfigError
-from raydrive.train import build_parser, resolve_config
+from raydrive.launch.train import build_parser, resolve_config
 
 
 def cfg_for(*argv):
@@ -19,26 +19,24 @@ def test_presets_and_flags():
     full = cfg_for("--dataroot", "/data/nuscenes")
     assert full.preset == "full" and full.model.num_anchor == 900 and full.run.batch_size == 6
     assert full.optim.lr_mults == {"img_backbone": 0.5} and full.data.skip_prob == 0.5
-    flagged = cfg_for("--num-workers", "4", "--batch-size", "3", "--name", "r1", "--no-eval", "--precision", "bf16")
-    assert (flagged.run.num_workers, flagged.run.batch_size, flagged.run.name, flagged.run.evaluate) == (
-        4,
-        3,
-        "r1",
-        False,
-    )
+    flagged = cfg_for("--num-workers", "4", "--batch-size", "1", "--no-eval", "--precision", "bf16")
+    assert (flagged.run.num_workers, flagged.run.batch_size, flagged.run.evaluate) == (4, 1, False)
+    assert flagged.run.global_batch == 4  # the preset's, kept whatever the worker count
+    with pytest.raises(ConfigError, match="cannot be split over 3 worker"):
+        cfg_for("--num-workers", "3")
 
 
 def test_overrides_are_typed():
     cfg = cfg_for(
         "optim.lr=3e-4",
         "model.num_anchor=120",
-        "data.bev_rot=(-0.1,0.1)",
+        "mapper.bev_rot=(-0.1,0.1)",
         "run.max_steps=none",
-        "data.photometric=false",
+        "mapper.photometric=false",
         "optim.lr_mults={img_backbone: 0.1}",
     )
-    assert cfg.optim.lr == 3e-4 and cfg.model.num_anchor == 120 and cfg.data.bev_rot == (-0.1, 0.1)
-    assert cfg.run.max_steps is None and cfg.data.photometric is False and cfg.optim.lr_mults == {"img_backbone": 0.1}
+    assert cfg.optim.lr == 3e-4 and cfg.model.num_anchor == 120 and cfg.mapper.bev_rot == (-0.1, 0.1)
+    assert cfg.run.max_steps is None and cfg.mapper.photometric is False and cfg.optim.lr_mults == {"img_backbone": 0.1}
     assert yaml.safe_load(cfg.to_yaml())["optim"]["lr"] == 3e-4
 
 
@@ -53,6 +51,10 @@ def test_unknown_key_lists_close_matches():
         cfg_for("model.num_temp_instances=5000")
     with pytest.raises(ConfigError, match="not key=value"):
         cfg_for("optim.lr")
+    with pytest.raises(ConfigError, match="'data.flip_prob' is now 'data.reverse_prob'"):
+        cfg_for("data.flip_prob=0.1")
+    with pytest.raises(ConfigError, match="has no preset 'tiny'.*full, small"):
+        cfg_for("--preset", "tiny")
 
 
 def test_public_api():

@@ -9,8 +9,10 @@ import torch
 
 from raydrive.config import OptimSection
 from raydrive.engine import checkpoint as ckpt
-from raydrive.engine.loop import NonFiniteLoss, _check_finite, param_groups
+from raydrive.engine.loop import NonFiniteLoss, Worker
+from raydrive.engine.optim import param_groups
 from raydrive.engine.schedule import lr_factor
+from raydrive.engine.state import TrainState
 
 
 def test_warmup_then_cosine_like_mmcv():
@@ -49,8 +51,12 @@ def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message():
     losses = {"loss_cls_0": torch.tensor(1.0), "loss_box_0": torch.tensor(float("nan"))}
+    w = Worker.__new__(Worker)  # only what the check reads: the world size and the step
+    w.world, w.state = 1, TrainState(step=11)
     with pytest.raises(NonFiniteLoss, match=r"step 12 \(terms: \['loss_box_0'\]\).*last checkpoint is intact"):
-        _check_finite(sum(losses.values()), losses, 12, 1, None)
+        w._global_terms(losses, sum(losses.values()))
+    ok = {"a": torch.tensor(1.5), "b": torch.tensor(0.25)}
+    assert w._global_terms(ok, sum(ok.values())) == {"a": 1.5, "b": 0.25, "loss": 1.75}
 
 
 def test_param_groups_apply_lr_multipliers():

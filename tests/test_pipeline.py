@@ -7,9 +7,29 @@ import json
 import numpy as np
 import pytest
 
-from raydrive.data.augment import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, AugConfig
+from raydrive.config import Batching
+from raydrive.data.augment import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from raydrive.data.lanes import LaneConfig
 from raydrive.data.pipeline import FramePipeline, PipelineConfig
+
+
+def sparse4d_mapper(prepared, image_hw, train=True, with_depth=True):
+    """Sparse4D's mapper at a given image size, without photometric distortion."""
+    import dataclasses
+
+    from raydrive.models.sparse4d.mapper import Sparse4DMapper
+    from raydrive.trainers import get_spec
+
+    cfg = get_spec("sparse4d").config("small")
+    cfg.data.prepared = str(prepared)
+    cfg.model.image_hw = image_hw
+    cfg.mapper = dataclasses.replace(cfg.mapper, photometric=False, with_depth=with_depth)
+    return Sparse4DMapper(cfg, train)
+
+
+def epoch_batches(pipe, epoch, rank):
+    """One epoch of a worker's micro-batches."""
+    return pipe.stream(rank, epoch, 0, pipe.steps_per_epoch())
 
 
 def _saturation(rgb: np.ndarray) -> float:
@@ -46,16 +66,17 @@ def _centre_hits(batch, final_hw, mirror: bool = False) -> tuple[int, int]:
 
 def test_box_centres_land_on_their_objects_in_augmented_images(prepared, ray_local):
     """Resize, crop, flip, rotation and BEV rotation are all folded into projection_mat correctly."""
-    aug = AugConfig(final_hw=(160, 440), photometric=False)
-    pipe = FramePipeline(PipelineConfig(prepared=str(prepared), batch_size=2, aug=aug, lanes=LaneConfig(seed=1)))
+    hw = (160, 440)
+    cfg = PipelineConfig(prepared=str(prepared), batching=Batching(1, 2, 1, 2), lanes=LaneConfig(seed=1))
+    pipe = FramePipeline(cfg, sparse4d_mapper(prepared, hw))
     checked = on_object = mirror_checked = mirror_on = 0
-    for batch in pipe.batches(epoch=0, rank=0, world_size=1):
-        a, b = _centre_hits(batch, aug.final_hw)
-        c, d = _centre_hits(batch, aug.final_hw, mirror=True)
+    for batch in epoch_batches(pipe, 0, 0):
+        a, b = _centre_hits(batch, hw)
+        c, d = _centre_hits(batch, hw, mirror=True)
         checked, on_object, mirror_checked, mirror_on = checked + a, on_object + b, mirror_checked + c, mirror_on + d
         depth = batch["depth"][0].numpy()
         assert depth.shape[1] == 4 and (depth[:, 3] > 0).all()
-        assert (depth[:, 1] < aug.final_hw[1]).all() and (depth[:, 2] < aug.final_hw[0]).all()
+        assert (depth[:, 1] < hw[1]).all() and (depth[:, 2] < hw[0]).all()
     assert checked > 100
     assert on_object / checked > 0.97, (on_object, checked)
     assert mirror_on / mirror_checked < 0.6, (mirror_on, mirror_checked)  # control: a wrong matrix misses
@@ -66,19 +87,16 @@ def _lane_worker(config):
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    pipe = FramePipeline(
-        PipelineConfig(
-            prepared=config["prepared"],
-            batch_size=2,
-            with_depth=False,
-            aug=AugConfig(final_hw=(64, 176)),
-            cpus_per_task=0.5,
-            lanes=LaneConfig(seed=7, seq_split_num=2),
-        )
+    cfg = PipelineConfig(
+        prepared=config["prepared"],
+        batching=Batching(world, 2, 1, world * 2),
+        cpus_per_task=0.5,
+        lanes=LaneConfig(seed=7, seq_split_num=2),
     )
+    pipe = FramePipeline(cfg, sparse4d_mapper(config["prepared"], (64, 176), with_depth=False))
     seen = []
     for epoch in (0, 1):
-        for batch in pipe.batches(epoch, rank, world):
+        for batch in epoch_batches(pipe, epoch, rank):
             seen.append(
                 {
                     "epoch": epoch,
@@ -113,13 +131,14 @@ def test_lane_invariants_on_two_ray_train_workers(prepared, records, ray_local, 
     trainer.fit()
     train = records["train"]
     by_token = {r["token"]: r for r in train}
-    pipe = FramePipeline(PipelineConfig(prepared=str(prepared), batch_size=2, lanes=LaneConfig(seed=7)))
+    cfg = PipelineConfig(prepared=str(prepared), batching=Batching(2, 2, 1, 4), lanes=LaneConfig(seed=7))
+    pipe = FramePipeline(cfg, sparse4d_mapper(prepared, (64, 176), with_depth=False))
     lanes_by_epoch = {}
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for epoch in (0, 1):
             batches = [b for b in seen if b["epoch"] == epoch]
-            plan = pipe.plan(epoch, world_size=2)
+            plan = pipe.plan(epoch)
             # every worker received exactly its share of the plan that any process computes
             assert [f for b in batches for f in b["frame"]] == plan.rows(rank)["frame"].tolist()
             assert [b["step"][0] for b in batches] == list(range(plan.steps))

@@ -10,7 +10,8 @@ import torch
 
 from raydrive.models.sparse4d.blocks import CNS
 from raydrive.models.sparse4d.head import Sparse4DHead
-from raydrive.models.sparse4d.model import PRESETS, Sparse4D, Sparse4DConfig
+from raydrive.models.sparse4d.model import Sparse4D, Sparse4DConfig
+from raydrive.models.sparse4d.presets import small
 
 
 def _sigmoid(x):
@@ -36,7 +37,7 @@ def reference_decode(cls, box, quality, ids, num_output):
 
 
 def head() -> Sparse4DHead:
-    return Sparse4DHead(Sparse4DConfig(**PRESETS["small"]))
+    return Sparse4DHead(small().model)
 
 
 def _head_outputs(bs=2, n=60, num_cls=10, seed=0):
@@ -100,7 +101,7 @@ def test_decode_gives_one_box_per_query_with_its_best_class():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = Sparse4DConfig(**PRESETS["small"])
+    cfg = small().model
     rng = np.random.default_rng(0)
     anchor = np.zeros((cfg.num_anchor, 11), np.float32)
     anchor[:, :2] = rng.uniform(-30, 30, (cfg.num_anchor, 2))

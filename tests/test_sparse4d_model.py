@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from raydrive.models.sparse4d.model import PRESETS, Sparse4D, Sparse4DConfig
+from raydrive.models.sparse4d.model import Sparse4D, Sparse4DConfig
+from raydrive.models.sparse4d.presets import small
 
 # upstream Sparse4D v3 r50 state-dict keys and shapes (copied from shared/specs/keys/)
 KEYS = Path(__file__).resolve().parent / "data" / "sparse4d_v3_r50.txt"
@@ -67,7 +68,7 @@ def _batch(cfg: Sparse4DConfig, t: float, seq_start: bool, bs: int = 1) -> dict:
 
 def test_small_preset_trains_caches_and_resets_slots_through_reset_state():
     torch.manual_seed(0)
-    cfg = Sparse4DConfig(**PRESETS["small"])
+    cfg = small().model
     model = Sparse4D(cfg, np.random.default_rng(0).normal(size=(900, 11)).astype(np.float32))
     model.reset_state(torch.tensor([True]))  # before anything is cached: a no-op
     losses = model(_batch(cfg, 0.0, True))
@@ -98,7 +99,7 @@ def test_small_preset_trains_caches_and_resets_slots_through_reset_state():
 
 def test_head_runs_in_fp32_under_an_ambient_autocast():
     torch.manual_seed(0)
-    cfg = Sparse4DConfig(**PRESETS["small"])
+    cfg = small().model
     model = Sparse4D(cfg, np.random.default_rng(0).normal(size=(900, 11)).astype(np.float32))
     dtypes = {}
 
@@ -119,7 +120,7 @@ def test_head_runs_in_fp32_under_an_ambient_autocast():
 def test_temporal_states_swap_between_micro_batches_in_training():
     """The engine holds one temporal state per micro-batch lane and swaps them: a held state is not changed
     by later forwards, and loading it again reproduces the losses exactly."""
-    cfg = Sparse4DConfig(**PRESETS["small"])
+    cfg = small().model
     model = Sparse4D(cfg, np.random.default_rng(0).normal(size=(900, 11)).astype(np.float32))
     model(_batch(cfg, 0.0, True))
     held = model.temporal_state()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raydrive.train import build_parser, resolve_config, run
+from raydrive.launch.train import build_parser, resolve_config, run
 
 TINY = [
     "model.num_anchor=48",
@@ -32,6 +32,8 @@ def train(prepared, synth_root, storage, name, *extra):
         name,
         "--batch-size",
         "1",
+        "--global-batch",
+        "2",
         "--no-eval",
         "--max-steps",
         "6",
@@ -74,9 +76,12 @@ def test_data_parallel_training_and_exact_resume(prepared, synth_root, ray_local
     assert main(["eval", "sparse4d", "--checkpoint", str(tmp_path / "a")]) == 0
     assert "mAP:" in capsys.readouterr().out
 
-    # one worker alone sees one shard per step: its parameters end elsewhere
-    _, reports_c, _ = train(prepared, synth_root, tmp_path, "c", "--num-workers", "1")
-    assert reports_c[-1]["param_checksum"] != pytest.approx(reports_a[-1]["param_checksum"], rel=1e-6)
+    # one worker with the same global batch accumulates 2 micro-batches per step: the same frames per
+    # optimizer step (its first micro-batch is rank 0's share), temporal lanes kept per micro-batch
+    _, reports_c, hist_c = train(prepared, synth_root, tmp_path, "c", "--num-workers", "1")
+    assert [m["step"] for m in reports_c] == [2, 4, 6]
+    for s in range(1, 7):
+        assert len(hist_c[s]["tokens"]) == 2 and hist_c[s]["tokens"][0] == hist_a[s]["tokens"][0]
 
 
 @pytest.mark.slow
@@ -85,7 +90,7 @@ def test_embedded_default_learns(ray_local, tmp_path, monkeypatch):
     run scores the untrained and the trained model on the synthetic val split."""
     monkeypatch.setenv("RAYDRIVE_CACHE", str(tmp_path / "cache"))
     cfg = resolve_config(build_parser().parse_intermixed_args(["sparse4d"]))
-    from raydrive.train import resolve_data
+    from raydrive.launch.train import resolve_data
 
     resolve_data(cfg)
     assert (cfg.run.num_workers, cfg.preset) == (2, "small")
@@ -228,6 +233,7 @@ def test_ray_job_submit_runs_on_the_cluster_it_was_submitted_to(prepared, synth_
                 "--name job",
                 "--num-workers 2",
                 "--batch-size 1",
+                "--global-batch 2",
                 "--max-steps 2",
                 "--no-eval",
                 "run.checkpoint_every=2",

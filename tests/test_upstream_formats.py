@@ -162,7 +162,7 @@ def _prepare_pkls(dataroot: str, out: Path) -> None:
             out=str(out),
             dataroot=dataroot,
             depth_gt=False,
-            anchors=False,
+            assets=(),
             show_progress=False,
             pkl_formats=["sparse4d", "streampetr"],
         )
@@ -192,7 +192,7 @@ def test_relative_dataroot_writes_relative_paths(synth_root, records, tmp_path, 
 
     # --from-pkl on the written pkl gives the same records (depth GT finds the files through the paths)
     again = tmp_path / "again"
-    assert main(["prepare", "--from-pkl", str(pkl), "--dataroot", root, "--out", str(again), "--no-anchors"]) == 0
+    assert main(["prepare", "--from-pkl", str(pkl), "--dataroot", root, "--out", str(again), "--no-assets"]) == 0
     from raydrive.data.parquet import read_split, table_to_records
 
     back = table_to_records(read_split(again / "infos" / "val"))

@@ -5,7 +5,7 @@ Output folder layout:
     manifest.json                      version, counts, classes, file hashes (written last)
     infos/<split>/part-00000.parquet   canonical info records (see `infos.py`, `parquet.py`)
     depth_gt/<image name>.bin          BEVDepth depth ground truth, float32 (u, v, depth) rows
-    anchors/nuscenes_kmeans900.npy     Sparse4D k-means anchors (900 x 11)
+    anchors/nuscenes_kmeans900.npy     assets the models need (`assets.py`), e.g. Sparse4D's k-means anchors
     pkl/<format>/<file>.pkl            optional upstream info pkls (--pkl-format)
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import raydrive
-from raydrive.data.anchors import kmeans_anchors
+from raydrive.data.assets import ASSETS, make_assets
 from raydrive.data.constants import CAMERAS, CLASSES
 from raydrive.data.depth_gt import write_depth_gt
 from raydrive.data.infos import DataError, build_infos, check_files
@@ -27,7 +27,6 @@ from raydrive.data.parquet import SCHEMA_VERSION, sha256_file, write_split
 from raydrive.data.pkl_formats import FILE_NAMES, FORMATS, records_from_pkl, write_pkl
 
 MANIFEST = "manifest.json"
-ANCHOR_FILE = "anchors/nuscenes_kmeans900.npy"
 
 
 @dataclass
@@ -39,7 +38,7 @@ class PrepareConfig:
     split: str | None = None  # with --from-pkl: which split the pkl holds (default: from its name)
     pkl_formats: list[str] = field(default_factory=list)
     depth_gt: bool = True
-    anchors: bool = True
+    assets: tuple[str, ...] | None = None  # registered asset names (data/assets.py); None: all of them
     max_sweeps: int = 10
     show_progress: bool = True
 
@@ -104,12 +103,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         depth_dir = out / "depth_gt"
         n = sum(write_depth_gt(recs, dataroot, depth_dir, cfg.show_progress) for recs in splits.values())
         manifest["depth_gt"] = {"dir": "depth_gt", "files": n}
-    if cfg.anchors and "train" in splits:
-        anchors = kmeans_anchors(splits["train"])
-        path = out / ANCHOR_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, anchors)
-        manifest["anchors"] = {"path": ANCHOR_FILE, "shape": list(anchors.shape), "sha256": sha256_file(path)}
+    assets = sorted(ASSETS) if cfg.assets is None else cfg.assets
+    if assets and "train" in splits:
+        manifest["assets"] = make_assets(assets, splits["train"], out)
     pkls = []
     for fmt in cfg.pkl_formats:
         for split, records in splits.items():

@@ -8,37 +8,39 @@ from dataclasses import dataclass, field
 
 @dataclass
 class StepTimer:
-    batch_size: int  # per worker
+    samples_per_step: int  # per worker: batch size x accumulation steps
     world_size: int
     step_times: list[float] = field(default_factory=list)
     data_waits: list[float] = field(default_factory=list)
     _t: float = field(default_factory=time.perf_counter)
+    _wait: float = 0.0
 
-    def data_ready(self) -> None:
-        now = time.perf_counter()
-        self.data_waits.append(now - self._t)
-        self._data_at = now
+    def data_wait(self, seconds: float) -> None:
+        """Time this step spent waiting for batches (all its micro-batches)."""
+        self._wait += seconds
 
     def step_done(self) -> None:
         now = time.perf_counter()
         self.step_times.append(now - self._t)
-        self._t = now
+        self.data_waits.append(self._wait)
+        self._t, self._wait = now, 0.0
 
     def last(self) -> dict:
         step, wait = self.step_times[-1], self.data_waits[-1]
+        per_s = self.samples_per_step / max(step, 1e-9)
         return {
             "step_time_s": step,
             "data_wait_s": wait,
             "data_wait_fraction": wait / max(step, 1e-9),
-            "samples_per_s_worker": self.batch_size / max(step, 1e-9),
-            "samples_per_s_global": self.batch_size * self.world_size / max(step, 1e-9),
+            "samples_per_s_worker": per_s,
+            "samples_per_s_global": per_s * self.world_size,
         }
 
     def summary(self, skip: int) -> dict:
         """Mean over the steps after the first `skip` (warm-up), DrivingSDK-style FPS."""
         times = self.step_times[skip:] or self.step_times
         mean = sum(times) / max(1, len(times))
-        global_batch = self.batch_size * self.world_size
+        global_batch = self.samples_per_step * self.world_size
         return {
             "steps_timed": len(times),
             "mean_step_time_s": mean,

@@ -160,3 +160,36 @@ def format_table(metrics: dict) -> str:
         errs = metrics["per_class_tp_errors"].get(cls, {})
         lines.append(f"{cls:<22}{ap:>7.3f}" + "".join(f"{errs.get(m, float('nan')):>8.3f}" for m in TP_METRICS))
     return "\n".join(lines)
+
+
+class NuScenesDetectionEvaluator:
+    """The evaluator seam (`raydrive.spec.Evaluator`) for models that predict boxes in the key-frame
+    lidar frame: each rank keeps its frames' boxes by sample token; rank 0 scores all of them with the
+    devkit's `DetectionEval` on the prepared split's records."""
+
+    headline = ("mAP", "NDS")
+
+    def __init__(self, prepared: str, dataroot: str | None = None, split: str = "val"):
+        self.prepared, self.dataroot, self.split = prepared, dataroot, split
+        self.predictions: dict[str, dict] = {}
+
+    def process(self, batch: dict, outputs: list[dict]) -> None:
+        for token, out in zip(batch["token"], outputs):
+            self.predictions[token] = {k: np.asarray(out[k]) for k in ("boxes", "scores", "labels")}
+
+    def state(self) -> dict[str, dict]:
+        return self.predictions
+
+    def evaluate(self, states: list[dict[str, dict]]) -> dict:
+        from raydrive.data.parquet import read_split, table_to_records
+        from raydrive.data.prepare import load_manifest
+
+        predictions = {k: v for part in states for k, v in part.items()}
+        manifest = load_manifest(self.prepared)
+        records = table_to_records(read_split(Path(self.prepared) / "infos" / self.split))
+        out_dir = tempfile.mkdtemp(prefix="raydrive-eval-")
+        dataroot = self.dataroot or manifest["dataroot"]
+        return evaluate(predictions, records, dataroot, manifest["version"], self.split, output_dir=out_dir)
+
+    def format(self, metrics: dict) -> str:
+        return format_table(metrics)

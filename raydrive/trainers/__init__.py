@@ -1,24 +1,30 @@
-"""Registry of trainable models. Adding a model: one module with a TrainSpec, one line below."""
+"""The registry of trainable models. Adding a model: one module that registers its ModelSpec, and
+one line in `_load_builtin`."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from raydrive.trainers.spec import TrainSpec
+from raydrive.spec import ModelSpec
 
-_REGISTRY: dict[str, TrainSpec] = {}
+_REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(spec: TrainSpec) -> TrainSpec:
+def register(spec: ModelSpec) -> ModelSpec:
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a model (for specs registered by tests)."""
+    _REGISTRY.pop(name, None)
 
 
 def _load_builtin() -> None:
     from raydrive.trainers import sparse4d  # noqa: F401
 
 
-def get_spec(name: str) -> TrainSpec:
+def get_spec(name: str) -> ModelSpec:
     _load_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
@@ -30,18 +36,13 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def model_config(name: str, preset: str = "full", **overrides):
+def build_model(name: str, preset: str = "full", assets: dict | None = None, **overrides):
+    """The model as a plain nn.Module (random init; assets such as anchors zero unless given as
+    {asset name: path}), e.g. for notebooks. `overrides` are fields of the model's config."""
     spec = get_spec(name)
-    if preset not in spec.presets:
-        raise KeyError(f"model {name!r} has no preset {preset!r}; presets: {', '.join(spec.presets)}")
-    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    cfg = spec.config(preset).model
+    fields = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise TypeError(f"unknown {name} config fields {unknown}; known: {sorted(fields)}")
-    return spec.config_cls(**{**spec.presets[preset], **overrides})
-
-
-def build_model(name: str, preset: str = "full", anchors=None, **overrides):
-    """The model as an nn.Module (random init; anchors zero unless given), e.g. for notebooks."""
-    spec = get_spec(name)
-    return spec.build(model_config(name, preset, **overrides), anchors)
+    return spec.build_model(dataclasses.replace(cfg, **overrides), assets or {})

@@ -69,29 +69,6 @@ class Sparse4DConfig:
             raise ValueError("num_temp_instances must be smaller than num_anchor")
 
 
-PRESETS: dict[str, dict] = {
-    "full": {},
-    "small": dict(
-        image_hw=(128, 352),
-        backbone_depth=18,
-        backbone_base_channels=16,
-        backbone_blocks=(1, 1, 1, 1),
-        backbone_with_cp=False,
-        out_indices=(1, 2, 3),
-        embed_dims=64,
-        num_groups=4,
-        num_decoder=3,
-        num_anchor=100,
-        num_temp_instances=50,
-        num_learnable_pts=2,
-        anchor_encoder_dims=(32, 8, 8, 16),
-        num_dn_groups=1,
-        num_depth_layers=2,
-        decode_top_k=100,
-    ),
-}
-
-
 class Sparse4D(nn.Module):
     def __init__(self, cfg: Sparse4DConfig | None = None, anchor: np.ndarray | None = None):
         super().__init__()

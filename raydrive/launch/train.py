@@ -1,0 +1,328 @@
+"""`python -m raydrive.train MODEL [--flags] [section.key=value ...]`: the driver side of a run.
+
+It resolves the config (the model's typed preset + flags + overrides), makes sure prepared data and
+the model's assets exist (the embedded synthetic set when nothing is given), connects to the Ray
+cluster it runs on (RAY_ADDRESS, or the one `ray job submit` started it on) or starts a local one,
+asks the accelerator layer what to request, and runs Ray Train's TorchTrainer with the model's train
+loop, once per stage. Re-running with the same --name and --storage-path resumes from the latest
+checkpoint (a staged run skips the stages it finished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from raydrive.config import ConfigError, TrainConfig, apply_overrides, batching
+from raydrive.data.infos import DataError
+
+DONE_FILE = "raydrive_done.json"  # written into a run folder when its stage finished
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from raydrive.trainers import list_models
+
+    p = argparse.ArgumentParser(
+        prog="python -m raydrive.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("model", choices=list_models())
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="a preset of the model (e.g. full = the upstream config, small = CPU-sized); default: the "
+        "model's embedded preset on the embedded synthetic set, its full preset otherwise",
+    )
+    p.add_argument("--dataroot", help="nuScenes tree (default: the embedded synthetic set)")
+    p.add_argument("--prepared", help="output of `raydrive prepare` (default: DATAROOT/raydrive-prepared)")
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--global-batch", type=int, help="samples per optimizer step, kept for any worker count")
+    p.add_argument("--batch-size", type=int, help="per worker and micro-batch (the rest is gradient accumulation)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--storage-path", help="where checkpoints go; shared storage (NFS, S3) on multi-node clusters")
+    p.add_argument("--name", help="run name; the same name and storage path resume a run")
+    p.add_argument("--max-failures", type=int, help="worker-group restarts from the latest checkpoint")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--accelerator", choices=["auto", "npu", "cuda", "cpu"])
+    p.add_argument("--backend", choices=["hccl", "nccl", "gloo"])
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="worker environment variable (repeatable), e.g. HCCL_CONNECT_TIMEOUT=3600; wins over defaults",
+    )
+    p.add_argument(
+        "--benchmark", action="store_true", help="run a fixed number of steps and print the performance table"
+    )
+    p.add_argument("--seed", type=int)
+    p.add_argument("--load-from", help="weights to start from: an upstream .pth or a raydrive checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="skip the val evaluation after training")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p
+
+
+def _flags(args) -> dict[str, dict]:
+    run = dict(
+        num_workers=args.num_workers,
+        global_batch=args.global_batch,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        storage_path=args.storage_path,
+        max_failures=args.max_failures,
+        precision=args.precision,
+        accelerator=args.accelerator,
+        backend=args.backend,
+        cpus_per_worker=args.cpus_per_worker,
+        seed=args.seed,
+        load_from=args.load_from,
+        benchmark=args.benchmark or None,
+        evaluate=False if args.no_eval else None,
+    )
+    data = dict(dataroot=args.dataroot, prepared=args.prepared)
+    return {"run": run, "data": data}
+
+
+def chosen_preset(args) -> str:
+    from raydrive.trainers import get_spec
+
+    spec = get_spec(args.model)
+    embedded = args.dataroot is None and args.prepared is None
+    return args.preset or (spec.embedded_preset if embedded else spec.default_preset)
+
+
+def resolve_config(args, preset: str | None = None) -> TrainConfig:
+    """One preset's config with the flags and overrides applied (validated before Ray starts)."""
+    from raydrive.trainers import get_spec
+
+    spec = get_spec(args.model)
+    preset = preset or chosen_preset(args)
+    if preset in spec.stages:
+        raise ConfigError(f"preset {preset!r} of {args.model} is staged {spec.stages[preset]}: use resolve_stages")
+    try:
+        cfg = spec.config(preset)
+    except KeyError as e:
+        raise ConfigError(str(e).strip("'\"")) from None
+    for section, values in _flags(args).items():
+        values = {k: v for k, v in values.items() if v is not None}
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
+    cfg = apply_overrides(cfg, args.overrides)
+    batching(cfg.run)  # a global batch that cannot be split is an error now, not on the workers
+    return cfg
+
+
+def resolve_stages(args) -> list[TrainConfig]:
+    """The configs of every stage the chosen preset trains, named `<name>` (one stage) or
+    `<name>-<stage preset>`."""
+    from raydrive.trainers import get_spec
+
+    spec = get_spec(args.model)
+    preset = chosen_preset(args)
+    stages = spec.stage_presets(preset)
+    base = args.name or f"{args.model}-{preset}" + ("-benchmark" if args.benchmark else "")
+    cfgs = []
+    for stage in stages:
+        cfg = resolve_config(args, stage)
+        cfg.run = dataclasses.replace(cfg.run, name=base if len(stages) == 1 else f"{base}-{stage}")
+        cfgs.append(cfg)
+    return cfgs
+
+
+def resolve_data(cfg: TrainConfig) -> None:
+    """Absolute data paths; the embedded set is synthesised and prepared on first use; the model's
+    assets are made if the prepared folder lacks them."""
+    from raydrive.data.assets import ensure_assets
+    from raydrive.data.prepare import MANIFEST, PrepareConfig, prepare
+    from raydrive.trainers import get_spec
+
+    d = cfg.data
+    if d.dataroot is None and d.prepared is None:
+        from raydrive.data.default import ensure_default_data
+
+        dataroot, prepared = ensure_default_data()
+    else:
+        dataroot = Path(d.dataroot).resolve() if d.dataroot else None
+        prepared = Path(d.prepared).resolve() if d.prepared else dataroot / "raydrive-prepared"
+        if not (prepared / MANIFEST).is_file():
+            if dataroot is None:
+                raise ConfigError(f"--prepared {prepared} has no {MANIFEST}; run `raydrive prepare` or give --dataroot")
+            version = next((v for v in ("v1.0-trainval", "v1.0-mini") if (dataroot / v).is_dir()), "v1.0-mini")
+            prepare(PrepareConfig(out=str(prepared), dataroot=str(dataroot), version=version))
+    ensure_assets(prepared, get_spec(cfg.model_name).assets)
+    cfg.data = dataclasses.replace(d, dataroot=str(dataroot) if dataroot else None, prepared=str(prepared))
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--env {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        env[key.strip()] = value
+    return env
+
+
+def schedule_line(cfg: TrainConfig) -> str:
+    """World size, per-worker batch, accumulation, global batch, steps per epoch and total steps."""
+    from raydrive.data.prepare import load_manifest
+
+    b = batching(cfg.run)
+    frames = load_manifest(cfg.data.prepared)["splits"].get("train", {}).get("frames", 0)
+    per_epoch = max(1, frames // b.global_batch)
+    r = cfg.run
+    total = r.benchmark_steps if r.benchmark else (r.max_steps or r.epochs * per_epoch)
+    return (
+        f"[raydrive] {b.world_size} worker(s) x batch {b.batch_size} x {b.accum_steps} accumulation step(s) = "
+        f"global batch {b.global_batch}; {per_epoch} steps per epoch ({frames} train frames), {total} steps in all"
+    )
+
+
+def run(cfg: TrainConfig, env: dict[str, str] | None = None):
+    """One stage through Ray Train's TorchTrainer; returns Ray's Result."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raydrive import accel
+    from raydrive.data.synth import default_cache_dir
+    from raydrive.launch.cluster import connect_ray
+    from raydrive.trainers import get_spec
+
+    spec = get_spec(cfg.model_name)
+    connect_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    r = cfg.run
+    plan = accel.plan(
+        ray.cluster_resources(),
+        accelerator=r.accelerator,
+        backend=r.backend,
+        precision=r.precision,
+        cpus_per_worker=r.cpus_per_worker,
+        env_overrides=env,
+    )
+    name = r.name or f"{cfg.model_name}-{cfg.preset}" + ("-benchmark" if r.benchmark else "")
+    storage = str(Path(r.storage_path or default_cache_dir() / "runs").resolve())
+    cfg.run = dataclasses.replace(r, name=name, storage_path=storage)
+    print(
+        f"[raydrive] {cfg.model_name} ({cfg.preset}) on {r.num_workers} {plan.kind} worker(s), backend {plan.backend} "
+        f"({plan.reason}), precision {plan.precision}",
+        flush=True,
+    )
+    print(schedule_line(cfg), flush=True)
+    print("[raydrive] resolved config:\n" + cfg.to_yaml(), flush=True)
+    run_dir = Path(storage) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "raydrive_config.yaml").write_text(cfg.to_yaml())
+
+    trainer = TorchTrainer(
+        spec.train_loop,
+        train_loop_config={"config": cfg.to_dict(), "accelerator": plan.kind, "precision": plan.precision},
+        torch_config=TorchConfig(backend=plan.backend),
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers, use_gpu=plan.use_gpu, resources_per_worker=plan.resources_per_worker
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
+            worker_runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", **plan.env}},
+        ),
+    )
+    return trainer.fit()
+
+
+def finished(result) -> bool:
+    """Did the stage run to its last step (not paused, not failed)?"""
+    return result.error is None and bool((result.metrics or {}).get("finished"))
+
+
+def run_stages(cfgs: list[TrainConfig], env: dict[str, str] | None = None) -> list:
+    """Run the stages in order; a later stage's `run.load_from = "stage:<preset>"` is the final
+    checkpoint of that earlier stage. Stages that finished before (their run folder holds DONE_FILE)
+    are skipped, so a re-run continues in the stage it stopped in."""
+    from raydrive.data.synth import default_cache_dir
+
+    results = []
+    for cfg in cfgs:
+        storage = Path(cfg.run.storage_path or default_cache_dir() / "runs").resolve()
+        done = storage / cfg.run.name / DONE_FILE
+        if len(cfgs) > 1 and done.is_file():
+            print(f"[raydrive] stage {cfg.preset} finished before ({json.loads(done.read_text())['checkpoint']})")
+            continue
+        load_from = cfg.run.load_from or ""
+        if load_from.startswith("stage:"):
+            cfg.run = dataclasses.replace(cfg.run, load_from=_stage_checkpoint(cfgs, storage, load_from[6:]))
+        result = run(cfg, env)
+        results.append((cfg, result))
+        if not finished(result):
+            break
+        path = result.checkpoint.path if result.checkpoint is not None else None
+        done.write_text(json.dumps({"checkpoint": path, "step": result.metrics.get("step")}, indent=2))
+    return results
+
+
+def _stage_checkpoint(cfgs: list[TrainConfig], storage: Path, stage: str) -> str:
+    named = [c for c in cfgs if c.preset == stage]
+    done = storage / named[0].run.name / DONE_FILE if named else None
+    if done is None or not done.is_file():
+        raise ConfigError(
+            f"run.load_from=stage:{stage}: stage {stage} has not finished in this run; run the staged preset, "
+            f"or give --load-from CHECKPOINT"
+        )
+    return json.loads(done.read_text())["checkpoint"]
+
+
+def report(cfg: TrainConfig, result) -> None:
+    from raydrive.trainers import get_spec
+
+    m = result.metrics or {}
+    if cfg.run.benchmark:
+        path = Path(cfg.run.storage_path) / cfg.run.name / "benchmark.json"
+        m = json.loads(path.read_text()) if path.is_file() else m
+        print("\n| model | preset | workers | global batch | mean step time (s) | FPS (samples/s) |")
+        print("|---|---|---|---|---|---|")
+        print(
+            f"| {cfg.model_name} | {cfg.preset} | {cfg.run.num_workers} | {m.get('global_batch')} | "
+            f"{m.get('mean_step_time_s', float('nan')):.3f} | {m.get('fps', float('nan')):.2f} |"
+        )
+        print(
+            f"(mean over {m.get('steps_timed')} steps after {cfg.run.benchmark_warmup} warm-up steps; "
+            f"one sample = one 6-camera frame)"
+        )
+        return
+    evaluator = get_spec(cfg.model_name).build_evaluator(cfg)
+    if "eval_metrics" in m:
+        print("\n" + evaluator.format(m["eval_metrics"]))
+        if all(f"{k}_before" in m for k in evaluator.headline):
+            print(
+                "\n[raydrive] val before training: "
+                + "  ".join(f"{k} {m[k + '_before']:.4f}" for k in evaluator.headline)
+            )
+        print("[raydrive] val after training:  " + "  ".join(f"{k} {m[k]:.4f}" for k in evaluator.headline))
+    if result.checkpoint is not None:
+        print(f"[raydrive] checkpoint: {result.checkpoint.path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        cfgs = resolve_stages(args)
+        env = parse_env(args.env)
+        for cfg in cfgs:
+            resolve_data(cfg)
+    except (ConfigError, DataError, KeyError) as e:
+        print(f"raydrive train: error: {e}", file=sys.stderr)
+        return 2
+    for cfg, result in run_stages(cfgs, env):
+        report(cfg, result)
+        if result.error:
+            print(f"raydrive train: the run failed: {result.error}", file=sys.stderr)
+            return 1
+    return 0
