@@ -10,8 +10,9 @@ def list_models() -> list[str]:
     return _list()
 
 
-def build_model(name: str, preset: str = "full", **overrides):
-    """The model as a plain `nn.Module` (random init), e.g. `build_model("sparse4d", preset="small")`."""
+def build_model(name: str, preset: str = "full", assets: dict | None = None, **overrides):
+    """The model as a plain `nn.Module` (random init), e.g. `build_model("sparse4d", preset="small")`;
+    see `raydrive.trainers.build_model`."""
     from raydrive.trainers import build_model as _build
 
-    return _build(name, preset, **overrides)
+    return _build(name, preset, assets, **overrides)

@@ -62,9 +62,13 @@ def _assets_for(args) -> tuple[str, ...] | None:
         return ()
     if not args.models:
         return None
+    from raydrive.config import ConfigError
     from raydrive.trainers import get_spec
 
-    return tuple(dict.fromkeys(a for m in args.models for a in get_spec(m).assets))
+    try:
+        return tuple(dict.fromkeys(a for m in args.models for a in get_spec(m).assets))
+    except KeyError as e:
+        raise ConfigError(f"--for: {e.args[0]}") from None
 
 
 def _summary(manifest: dict, out: Path) -> None:

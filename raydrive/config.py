@@ -42,7 +42,7 @@ class RunSection:
     benchmark_steps: int = 20
     benchmark_warmup: int = 3  # steps excluded from the mean step time
     evaluate: bool = True  # run the model's evaluator on the val split after training
-    evaluate_before: bool = False  # also score the untrained model first (shows that the run learns)
+    evaluate_before: bool = False  # with evaluate: also score the untrained model first (shows that the run learns)
     # weights to start from: an upstream .pth, a raydrive checkpoint, or "stage:<preset>" (the final
     # checkpoint of an earlier stage of the same run)
     load_from: str | None = None

@@ -10,6 +10,16 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # live gauges reach the export quickly
 
+# Sparse4D small preset, shrunk further for end-to-end tests
+SPARSE4D_TINY = [
+    "model.num_anchor=48",
+    "model.num_temp_instances=24",
+    "model.num_learnable_pts=2",
+    "model.num_dn_groups=1",
+    "model.decode_top_k=48",
+    "data.cpus_per_task=0.25",
+    "run.log_every=1",
+]
 SMALL = dict(scenes=3, samples_per_scene=6, image_width=800, image_height=450, objects_per_scene=20, seed=3)
 
 

@@ -8,19 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SPARSE4D_TINY
 
 from raydrive.launch.train import build_parser, resolve_config, run
 
 TRACE = Path(__file__).parent / "data" / "sparse4d_small_trace.json"
-TINY = [
-    "model.num_anchor=48",
-    "model.num_temp_instances=24",
-    "model.num_learnable_pts=2",
-    "model.num_dn_groups=1",
-    "model.decode_top_k=48",
-    "data.cpus_per_task=0.25",
-    "run.log_every=1",
-]
+TINY = SPARSE4D_TINY
 
 
 @pytest.mark.slow

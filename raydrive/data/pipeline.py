@@ -130,6 +130,8 @@ class FramePipeline:
         boundaries inside one Ray Dataset (a new dataset per epoch costs seconds of start-up). Each
         epoch still follows its own plan; batches carry `epoch`, `step` (within the epoch), `micro`."""
         per_step = self.cfg.batching.slots_per_worker
+        if num_steps <= 0:
+            return
         tables, count = [], 0
         while count < num_steps:
             rows = self.rows(epoch, rank, start_step)

@@ -44,6 +44,15 @@ _CAM_KEYS = (
     "cam_intrinsic",
 )
 _SWEEP_KEYS = _CAM_KEYS[:-1]
+# the float pose fields of a camera or sweep entry, read back as float64
+_POSE_KEYS = (
+    "sensor2ego_translation",
+    "sensor2ego_rotation",
+    "ego2global_translation",
+    "ego2global_rotation",
+    "sensor2lidar_rotation",
+    "sensor2lidar_translation",
+)
 
 
 def _with_root(dataroot: str | os.PathLike, p: str) -> str:
@@ -298,18 +307,7 @@ def _from_mmdet3d(info: dict, i: int, path, dataroot) -> dict:
             "timestamp": int(c.get("timestamp", info["timestamp"])),
             "width": int(c.get("width", 1600)),
             "height": int(c.get("height", 900)),
-            **{
-                k: np.asarray(c[k], dtype=np.float64)
-                for k in (
-                    "sensor2ego_translation",
-                    "sensor2ego_rotation",
-                    "ego2global_translation",
-                    "ego2global_rotation",
-                    "sensor2lidar_rotation",
-                    "sensor2lidar_translation",
-                    "cam_intrinsic",
-                )
-            },
+            **{k: np.asarray(c[k], dtype=np.float64) for k in (*_POSE_KEYS, "cam_intrinsic")},
         }
     rec["cams"] = cams
     rec["sweeps"] = [
@@ -318,17 +316,7 @@ def _from_mmdet3d(info: dict, i: int, path, dataroot) -> dict:
             "type": LIDAR,
             "sample_data_token": s.get("sample_data_token", ""),
             "timestamp": int(s["timestamp"]),
-            **{
-                k: np.asarray(s[k], dtype=np.float64)
-                for k in (
-                    "sensor2ego_translation",
-                    "sensor2ego_rotation",
-                    "ego2global_translation",
-                    "ego2global_rotation",
-                    "sensor2lidar_rotation",
-                    "sensor2lidar_translation",
-                )
-            },
+            **{k: np.asarray(s[k], dtype=np.float64) for k in _POSE_KEYS},
         }
         for s in info.get("sweeps", [])
     ]

@@ -78,8 +78,9 @@ def build_pipeline(spec: ModelSpec, cfg: TrainConfig, split: str, train: bool, w
     return FramePipeline(pcfg, spec.build_mapper(cfg, train))
 
 
-def build_model(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """The spec's model with its prepared assets, optionally with `run.load_from`'s weights."""
+def load_model(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The run's model on its device: the spec builds it from its prepared assets, then `run.load_from`'s
+    weights (if any) are loaded."""
     model = spec.build_model(cfg.model, asset_paths(cfg.data.prepared, spec.assets))
     if cfg.run.load_from:
         state = ckpt.load_weights(cfg.run.load_from)
@@ -104,7 +105,7 @@ class Worker:
         self.amp_dtype = amp_dtype
         self.batching = batching(cfg.run, world)
         self.pipeline = build_pipeline(spec, cfg, "train", True, world)
-        self.model = build_model(spec, cfg, device)
+        self.model = load_model(spec, cfg, device)
         self.ddp = self.model
         if world > 1:
             ids = [device] if device.type == "cuda" else None
@@ -212,7 +213,7 @@ def train_loop(spec: ModelSpec, config: dict) -> None:
     if restored is not None:
         restore(w, restored)
     before = {}
-    if cfg.run.evaluate_before and restored is None and not cfg.run.benchmark:
+    if cfg.run.evaluate and cfg.run.evaluate_before and restored is None and not cfg.run.benchmark:
         before = _headline(w, w.evaluate(), "before training", suffix="_before")
     run_steps(w, ctx.get_experiment_name())
     if w.state.step < w.total:  # paused with run.stop_at_step: the last checkpoint is where a re-run continues

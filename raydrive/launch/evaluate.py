@@ -47,7 +47,7 @@ def evaluate_checkpoint(
 ) -> tuple[dict, object]:
     """(metrics, evaluator) of a raydrive checkpoint on the val split."""
     from raydrive.engine.evaluate import evaluate
-    from raydrive.engine.loop import build_model, build_pipeline
+    from raydrive.engine.loop import build_pipeline, load_model
     from raydrive.launch.cluster import connect_ray
     from raydrive.trainers import get_spec
 
@@ -65,7 +65,7 @@ def evaluate_checkpoint(
             cfg.data, prepared=prepared or cfg.data.prepared, dataroot=dataroot or cfg.data.dataroot
         )
     connect_ray()
-    net = build_model(spec, cfg, local_device())
+    net = load_model(spec, cfg, local_device())
     evaluator = spec.build_evaluator(cfg)
     pipeline = build_pipeline(spec, cfg, "val", False, 1)
     return evaluate(net, evaluator, pipeline, 0, 1, contextlib.nullcontext), evaluator

@@ -23,10 +23,13 @@ DONE_FILE = "raydrive_done.json"  # written into a run folder when its stage fin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raydrive.trainers import list_models
+    from raydrive.trainers import get_spec, list_models
 
+    models = "\n".join(f"  {m:<12} {get_spec(m).description}" for m in list_models())
     p = argparse.ArgumentParser(
-        prog="python -m raydrive.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m raydrive.train",
+        description=f"{__doc__}\nmodels:\n{models}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", choices=list_models())
     p.add_argument(
@@ -74,6 +77,7 @@ def _flags(args) -> dict[str, dict]:
         epochs=args.epochs,
         max_steps=args.max_steps,
         storage_path=args.storage_path,
+        name=args.name,
         max_failures=args.max_failures,
         precision=args.precision,
         accelerator=args.accelerator,

@@ -135,9 +135,3 @@ class ResNet(nn.Module):
             if i in self.out_indices:
                 outs.append(x)
         return outs
-
-
-def load_torchvision_weights(model: ResNet, state_dict: dict) -> None:
-    """Load a torchvision ResNet checkpoint (its `fc.*` classifier is dropped)."""
-    state = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    model.load_state_dict(state, strict=True)

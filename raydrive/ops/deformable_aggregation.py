@@ -8,6 +8,12 @@ weight; sum over cameras, levels and points.
 
 The reference here does the same with `grid_sample(align_corners=False, padding_mode="zeros")`
 (which samples at u W - 0.5) and zeroes the weights of out-of-range points.
+
+Border rule: upstream's Python fallback (`DeformableFeatureAggregation.feature_sampling` in
+`projects/mmdet3d_plugin/models/blocks.py`) calls grid_sample without that mask, so a point just
+outside the image still picks up half a pixel of the border; the kernel skips it. The upstream v3
+config sets `use_deformable_func = True`, i.e. trains and evaluates with the kernel, so raydrive
+follows the kernel (as every raydrive op does where a fused kernel and its fallback disagree).
 """
 
 from __future__ import annotations
