@@ -8,6 +8,8 @@ step with per-group lr multipliers and the schedule. Every `checkpoint_every` st
 rank 0 writes a checkpoint and every rank calls `ray.train.report` (a barrier). A re-run with the
 same name and storage path finds the checkpoint through `ray.train.get_checkpoint()` and continues
 at the same step, epoch, position in the epoch's plan and temporal state.
+Rank 0 also writes TensorBoard scalars (loss terms, lr, grad norm, timing, headline metrics after
+each evaluation) into the run folder's tensorboard/ (`tensorboard.py`), flushed at every checkpoint.
 
 The engine knows no model, dataset field or metric: those come from the spec (`raydrive/spec.py`).
 """
@@ -34,6 +36,7 @@ from raydrive.engine.evaluate import evaluate
 from raydrive.engine.metrics import LiveMetrics
 from raydrive.engine.optim import build_optimizer, build_scaler, clip_and_step, set_lr
 from raydrive.engine.state import TrainState, checkpoint_and_report, restore
+from raydrive.engine.tensorboard import TensorBoardLog, tensorboard_dir
 from raydrive.engine.timer import StepTimer
 from raydrive.spec import KeyFrames, Lanes, ModelSpec
 
@@ -212,15 +215,30 @@ def train_loop(spec: ModelSpec, config: dict) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         restore(w, restored)
-    before = {}
-    if cfg.run.evaluate and cfg.run.evaluate_before and restored is None and not cfg.run.benchmark:
-        before = _headline(w, w.evaluate(), "before training", suffix="_before")
-    run_steps(w, ctx.get_experiment_name())
-    if w.state.step < w.total:  # paused with run.stop_at_step: the last checkpoint is where a re-run continues
-        if rank == 0:
-            log(f"[raydrive] paused at step {w.state.step} of {w.total}; run again with the same --name to continue")
-        return
-    finish(w, before)
+    w.tb = TensorBoardLog(_tensorboard_dir(cfg, ctx.get_experiment_name()), rank, w.state.resumed_from)
+    try:
+        before = {}
+        if cfg.run.evaluate and cfg.run.evaluate_before and restored is None and not cfg.run.benchmark:
+            before = _headline(w, w.evaluate(), "before training", suffix="_before")
+        run_steps(w, ctx.get_experiment_name())
+        if w.state.step < w.total:  # paused with run.stop_at_step: the last checkpoint is where a re-run continues
+            if rank == 0:
+                log(
+                    f"[raydrive] paused at step {w.state.step} of {w.total}; run again with the same --name to continue"
+                )
+            return
+        finish(w, before)
+    finally:
+        w.tb.close()
+
+
+def _tensorboard_dir(cfg: TrainConfig, run_name: str) -> Path | None:
+    """The run folder's tensorboard/ (the driver resolved the storage path); None on object storage, which
+    SummaryWriter cannot write."""
+    storage = cfg.run.storage_path
+    if not storage or "://" in storage:
+        return None
+    return tensorboard_dir(storage, cfg.run.name or run_name)
 
 
 def run_steps(w: Worker, run_name: str) -> None:
@@ -241,6 +259,7 @@ def run_steps(w: Worker, run_name: str) -> None:
         tokens = [t for b in batches for t in b["token"]]
         s.history.append({"step": s.step, "loss": loss, "losses": dict(terms), "tokens": tokens, "lr": lr})
         live.publish(s.step, terms, lr, timer.last(), w.device)
+        w.tb.step(s.step, terms, lr, grad_norm, timer.last())
         if w.rank == 0 and (s.step % cfg.run.log_every == 0 or s.step == w.total):
             t = timer.last()
             log(
@@ -256,18 +275,24 @@ def _report(w: Worker, extra: dict) -> None:
     s = w.state
     timing = w.timer.last() if w.timer.step_times else {}
     losses = {"loss": sum(s.last_losses.values()), **s.last_losses} if s.last_losses else {}
-    metrics = {**losses, **timing, "history": s.history, "resumed_from": s.resumed_from, **extra}
+    metrics = {**losses, **timing, "history": s.history, "resumed_from": s.resumed_from, "total_steps": w.total}
+    metrics.update(extra)
     checkpoint_and_report(w, metrics)
     s.history = []
+    w.tb.flush()
 
 
 def _headline(w: Worker, metrics: dict, when: str, suffix: str = "") -> dict:
-    """The evaluator's headline metrics (rank 0 logs them); `suffix` names them in the report."""
+    """The evaluator's headline metrics (rank 0 logs them and writes them to TensorBoard at the current
+    step, 0 before training); `suffix` names them in the report."""
     if w.rank != 0:
         return {}
     headline = w.spec.build_evaluator(w.cfg).headline
     log(f"[raydrive] {when}: val " + "  ".join(f"{k} {float(metrics[k]):.4f}" for k in headline))
-    return {f"{k}{suffix}": float(metrics[k]) for k in headline}
+    values = {k: float(metrics[k]) for k in headline}
+    w.tb.metrics(w.state.step, values)
+    w.tb.flush()
+    return {f"{k}{suffix}": v for k, v in values.items()}
 
 
 def finish(w: Worker, before: dict) -> None:
