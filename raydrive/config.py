@@ -147,6 +147,19 @@ def all_keys(cfg: TrainConfig) -> list[str]:
     return keys
 
 
+def config_diff(base: TrainConfig, cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """The dotted keys whose value in `cfg` differs from `base` (e.g. the run's preset as `spec.config`
+    builds it): `{"optim.lr": {"preset": 0.0002, "value": 0.0003}, ...}`, values as plain YAML/JSON types."""
+    a, b = _plain(base.to_dict()), _plain(cfg.to_dict())
+    diff = {}
+    for section in SECTIONS:
+        left, right = a.get(section) or {}, b.get(section) or {}
+        for name in [*left, *(k for k in right if k not in left)]:
+            if left.get(name) != right.get(name):
+                diff[f"{section}.{name}"] = {"preset": left.get(name), "value": right.get(name)}
+    return diff
+
+
 def _convert(text: str, typ, key: str):
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)

@@ -171,15 +171,20 @@ def parse_env(items: list[str]) -> dict[str, str]:
     return env
 
 
-def schedule_line(cfg: TrainConfig) -> str:
-    """World size, per-worker batch, accumulation, global batch, steps per epoch and total steps."""
+def _schedule(cfg: TrainConfig) -> tuple[int, int, int]:
+    """(train frames, optimizer steps per epoch, total steps) as the workers will count them."""
     from raydrive.data.prepare import load_manifest
 
-    b = batching(cfg.run)
     frames = load_manifest(cfg.data.prepared)["splits"].get("train", {}).get("frames", 0)
-    per_epoch = max(1, frames // b.global_batch)
+    per_epoch = max(1, frames // batching(cfg.run).global_batch)
     r = cfg.run
-    total = r.benchmark_steps if r.benchmark else (r.max_steps or r.epochs * per_epoch)
+    return frames, per_epoch, r.benchmark_steps if r.benchmark else (r.max_steps or r.epochs * per_epoch)
+
+
+def schedule_line(cfg: TrainConfig) -> str:
+    """World size, per-worker batch, accumulation, global batch, steps per epoch and total steps."""
+    b = batching(cfg.run)
+    frames, per_epoch, total = _schedule(cfg)
     return (
         f"[raydrive] {b.world_size} worker(s) x batch {b.batch_size} x {b.accum_steps} accumulation step(s) = "
         f"global batch {b.global_batch}; {per_epoch} steps per epoch ({frames} train frames), {total} steps in all"
@@ -195,6 +200,7 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
 
     from raydrive import accel
     from raydrive.data.synth import default_cache_dir
+    from raydrive.launch import runcard
     from raydrive.launch.cluster import connect_ray
     from raydrive.trainers import get_spec
 
@@ -223,6 +229,9 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
     run_dir = Path(storage) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "raydrive_config.yaml").write_text(cfg.to_yaml())
+    card = runcard.start_card(cfg, spec.config(cfg.preset), _schedule(cfg)[2])
+    runcard.write_card(run_dir, card)
+    print(f"[raydrive] run card: {run_dir / runcard.RUN_CARD}; TensorBoard: tensorboard --logdir {storage}", flush=True)
 
     trainer = TorchTrainer(
         spec.train_loop,
@@ -239,7 +248,22 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
             worker_runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", **plan.env}},
         ),
     )
-    return trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException as e:  # Ray Train raises (rather than returns) some failures; Ctrl-C
+        runcard.write_card(run_dir, runcard.end_card(card, "failed", error=f"{type(e).__name__}: {e}"))
+        raise
+    runcard.write_card(run_dir, runcard.end_card(card, status(cfg, result), result, spec.build_evaluator(cfg).headline))
+    return result
+
+
+def status(cfg: TrainConfig, result) -> str:
+    """The run card's status of a stage that Ray Train returned: failed, finished or paused."""
+    if result.error is not None:
+        return "failed"
+    if finished(result) or cfg.run.benchmark:  # a benchmark's report carries no checkpoint, so no metrics
+        return "finished"
+    return "paused"
 
 
 def finished(result) -> bool:
