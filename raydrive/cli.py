@@ -1,4 +1,4 @@
-"""`raydrive synth | prepare | train | eval | doctor`: one console script."""
+"""`raydrive synth | prepare | train | eval | doctor | runs`: one console script."""
 
 from __future__ import annotations
 
@@ -108,6 +108,41 @@ def _doctor(args) -> int:
     return doctor_main(args.storage_path, args.prepared)
 
 
+def runs_table(storage: Path) -> list[list[str]]:
+    """One row per run card under `storage` (oldest first): name, model, preset, status, step/total, last
+    checkpoint (relative to the storage path when under it), headline metrics."""
+    from raydrive.launch.runcard import RUN_CARD, read_card
+
+    cards = [c for c in (read_card(p.parent) for p in sorted(storage.glob(f"*/{RUN_CARD}"))) if c]
+    rows = []
+    for c in sorted(cards, key=lambda c: (c.get("started_at") or "", c.get("name") or "")):
+        ckpt = c.get("last_checkpoint") or "-"
+        if ckpt != "-" and Path(ckpt).is_relative_to(storage):
+            ckpt = str(Path(ckpt).relative_to(storage))
+        step = "-" if c.get("step") is None else str(c["step"])
+        total = "-" if c.get("total_steps") is None else str(c["total_steps"])
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in (c.get("metrics") or {}).items()) or "-"
+        row = [c.get("name"), c.get("model"), c.get("preset"), c.get("status"), f"{step}/{total}", ckpt, metrics]
+        rows.append([str(x) if x is not None else "-" for x in row])
+    return rows
+
+
+def _runs(args) -> int:
+    from raydrive.data.synth import default_cache_dir
+
+    storage = Path(args.storage_path or default_cache_dir() / "runs").resolve()
+    rows = runs_table(storage)
+    if not rows:
+        print(f"no runs with a run card under {storage}")
+        return 0
+    header = ["name", "model", "preset", "status", "step", "last checkpoint", "metrics"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print(f"({len(rows)} run(s) under {storage}; `tensorboard --logdir {storage}` plots them)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raydrive", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -155,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage-path", help="the --storage-path you will train with (default: the cache's runs/)")
     s.add_argument("--prepared", help="the prepared data you will train with (default: the embedded set)")
     s.set_defaults(func=_doctor)
+
+    s = sub.add_parser(
+        "runs",
+        help="list the runs under a storage path, from their run cards",
+        description="One line per run folder holding a run_card.json: name, model, preset, status, step/total, "
+        "last checkpoint, headline metrics. Status is what the driver recorded: finished, paused (stopped at "
+        "run.stop_at_step; the same --name continues it), failed, or running, which means that no end was "
+        "recorded: the run is going on, or its driver was killed.",
+    )
+    s.add_argument("--storage-path", help="the --storage-path the runs were trained with (default: the cache's runs/)")
+    s.set_defaults(func=_runs)
 
     s = sub.add_parser("eval", help="score a checkpoint, or a nuScenes detection submission, with the devkit")
     s.add_argument("model", nargs="?", help="with --checkpoint: the model (e.g. sparse4d)")
