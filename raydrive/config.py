@@ -46,6 +46,7 @@ class RunSection:
     # weights to start from: an upstream .pth, a raydrive checkpoint, or "stage:<preset>" (the final
     # checkpoint of an earlier stage of the same run)
     load_from: str | None = None
+    trust_checkpoint: bool = False  # let load_from unpickle objects beyond tensors and numpy (can run code)
 
 
 @dataclass

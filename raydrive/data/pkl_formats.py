@@ -23,6 +23,7 @@ import numpy as np
 from raydrive.data import geometry as geo
 from raydrive.data.constants import CAMERAS, LIDAR
 from raydrive.data.infos import DataError, class_name
+from raydrive.safe_pickle import load_pickle
 
 FORMATS = ("sparse4d", "streampetr", "bevdepth")
 FILE_NAMES = {
@@ -208,8 +209,15 @@ def load_pkl(path: str | Path):
         raise DataError(f"info pkl {path} does not exist")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, IndexError) as e:
+            return load_pickle(f)  # resolves numpy and builtins only: a crafted pkl cannot run code
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("refusing"):
+            raise DataError(f"info pkl {path}: {e}; it is not an upstream info file") from None
+        raise DataError(
+            f"info pkl {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+            f"re-create it with the upstream converter or with `raydrive prepare --pkl-format`"
+        ) from e
+    except (EOFError, AttributeError, ImportError, ValueError, IndexError) as e:
         raise DataError(
             f"info pkl {path} is corrupt or truncated ({type(e).__name__}: {e}); "
             f"re-create it with the upstream converter or with `raydrive prepare --pkl-format`"

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raydrive import safe_pickle
+
 MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
 
 
@@ -65,18 +67,16 @@ def load(directory: Path, map_location="cpu") -> tuple[dict, dict, dict]:
     return model, state, json.loads((directory / META_FILE).read_text())
 
 
-def load_weights(path: str | Path) -> dict:
+def load_weights(path: str | Path, trust: bool = False) -> dict:
     """Model weights from a raydrive checkpoint directory, its model.pt, or an upstream .pth
-    (a dict with "state_dict", as mmcv saves it)."""
+    (a dict with "state_dict", as mmcv saves it). Nothing in the file runs unless `trust`
+    (`raydrive/safe_pickle.py`)."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"--load-from {path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # upstream mmcv checkpoints carry non-tensor meta (mmcv/numpy objects)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = safe_pickle.torch_load(path, trust)
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

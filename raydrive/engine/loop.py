@@ -86,7 +86,7 @@ def load_model(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> torch
     weights (if any) are loaded."""
     model = spec.build_model(cfg.model, asset_paths(cfg.data.prepared, spec.assets))
     if cfg.run.load_from:
-        state = ckpt.load_weights(cfg.run.load_from)
+        state = ckpt.load_weights(cfg.run.load_from, cfg.run.trust_checkpoint)
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(

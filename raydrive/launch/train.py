@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--load-from", help="weights to start from: an upstream .pth or a raydrive checkpoint")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="let --load-from unpickle objects other than tensors and numpy arrays (old pickled checkpoints; "
+        "this can run code from the file)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the val evaluation after training")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
@@ -85,6 +91,7 @@ def _flags(args) -> dict[str, dict]:
         cpus_per_worker=args.cpus_per_worker,
         seed=args.seed,
         load_from=args.load_from,
+        trust_checkpoint=args.trust_checkpoint or None,
         benchmark=args.benchmark or None,
         evaluate=False if args.no_eval else None,
     )
@@ -159,6 +166,22 @@ def resolve_data(cfg: TrainConfig) -> None:
             prepare(PrepareConfig(out=str(prepared), dataroot=str(dataroot), version=version))
     ensure_assets(prepared, get_spec(cfg.model_name).assets)
     cfg.data = dataclasses.replace(d, dataroot=str(dataroot) if dataroot else None, prepared=str(prepared))
+    check_load_from(cfg)
+
+
+def check_load_from(cfg: TrainConfig) -> None:
+    """`--load-from` exists and loads without running code (or is trusted), before Ray starts."""
+    from raydrive.engine.checkpoint import MODEL_FILE
+    from raydrive.safe_pickle import checkpoint_globals
+
+    given = cfg.run.load_from
+    if not given or given.startswith("stage:"):
+        return
+    path = Path(given) / MODEL_FILE if Path(given).is_dir() else Path(given)
+    if not path.is_file():
+        raise ConfigError(f"--load-from {given}: no such checkpoint file")
+    if not cfg.run.trust_checkpoint:
+        checkpoint_globals(path)
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
