@@ -128,9 +128,9 @@ def runs_table(storage: Path) -> list[list[str]]:
 
 
 def _runs(args) -> int:
-    from raydrive.data.synth import default_cache_dir
+    from raydrive.launch.train import storage_root
 
-    storage = Path(args.storage_path or default_cache_dir() / "runs").resolve()
+    storage = storage_root(args.storage_path)
     rows = runs_table(storage)
     if not rows:
         print(f"no runs with a run card under {storage}")

@@ -22,6 +22,17 @@ from raydrive.data.infos import DataError
 DONE_FILE = "raydrive_done.json"  # written into a run folder when its stage finished
 
 
+def storage_root(storage_path: str | None) -> Path:
+    """Where run folders go: `--storage-path`, or `<cache>/runs`."""
+    from raydrive.data.synth import default_cache_dir
+
+    return Path(storage_path or default_cache_dir() / "runs").resolve()
+
+
+def default_name(model: str, preset: str, benchmark: bool) -> str:
+    return f"{model}-{preset}" + ("-benchmark" if benchmark else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from raydrive.trainers import get_spec, list_models
 
@@ -135,7 +146,7 @@ def resolve_stages(args) -> list[TrainConfig]:
     spec = get_spec(args.model)
     preset = chosen_preset(args)
     stages = spec.stage_presets(preset)
-    base = args.name or f"{args.model}-{preset}" + ("-benchmark" if args.benchmark else "")
+    base = args.name or default_name(args.model, preset, args.benchmark)
     cfgs = []
     for stage in stages:
         cfg = resolve_config(args, stage)
@@ -222,7 +233,6 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raydrive import accel
-    from raydrive.data.synth import default_cache_dir
     from raydrive.launch import runcard
     from raydrive.launch.cluster import connect_ray
     from raydrive.trainers import get_spec
@@ -239,8 +249,8 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
         cpus_per_worker=r.cpus_per_worker,
         env_overrides=env,
     )
-    name = r.name or f"{cfg.model_name}-{cfg.preset}" + ("-benchmark" if r.benchmark else "")
-    storage = str(Path(r.storage_path or default_cache_dir() / "runs").resolve())
+    name = r.name or default_name(cfg.model_name, cfg.preset, r.benchmark)
+    storage = str(storage_root(r.storage_path))
     cfg.run = dataclasses.replace(r, name=name, storage_path=storage)
     print(
         f"[raydrive] {cfg.model_name} ({cfg.preset}) on {r.num_workers} {plan.kind} worker(s), backend {plan.backend} "
@@ -298,11 +308,9 @@ def run_stages(cfgs: list[TrainConfig], env: dict[str, str] | None = None) -> li
     """Run the stages in order; a later stage's `run.load_from = "stage:<preset>"` is the final
     checkpoint of that earlier stage. Stages that finished before (their run folder holds DONE_FILE)
     are skipped, so a re-run continues in the stage it stopped in."""
-    from raydrive.data.synth import default_cache_dir
-
     results = []
     for cfg in cfgs:
-        storage = Path(cfg.run.storage_path or default_cache_dir() / "runs").resolve()
+        storage = storage_root(cfg.run.storage_path)
         done = storage / cfg.run.name / DONE_FILE
         if len(cfgs) > 1 and done.is_file():
             print(f"[raydrive] stage {cfg.preset} finished before ({json.loads(done.read_text())['checkpoint']})")
