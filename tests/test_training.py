@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SPARSE4D_TINY
+from conftest import TINY
 
 from raydrive.launch.train import build_parser, resolve_config, run
 
-TINY = SPARSE4D_TINY
+MODELS = sorted(TINY)
 
 
-def train(prepared, synth_root, storage, name, *extra):
+def _train(prepared, synth_root, storage, name, *extra, model="sparse4d"):
     argv = [
-        "sparse4d",
+        model,
         "--preset",
         "small",
         "--prepared",
@@ -32,7 +32,7 @@ def train(prepared, synth_root, storage, name, *extra):
         "6",
         "run.checkpoint_every=2",
         "run.keep_checkpoints=10",
-        *TINY,
+        *TINY[model],
         *extra,
     ]
     cfg = resolve_config(build_parser().parse_intermixed_args(argv))
@@ -44,7 +44,11 @@ def train(prepared, synth_root, storage, name, *extra):
 
 
 @pytest.mark.slow
-def test_data_parallel_training_and_exact_resume(prepared, synth_root, ray_local, tmp_path, capsys):
+@pytest.mark.parametrize("model", MODELS)
+def test_data_parallel_training_and_exact_resume(model, prepared, synth_root, ray_local, tmp_path, capsys):
+    def train(*args, **kw):
+        return _train(*args, **kw, model=model)
+
     # two workers, uninterrupted: every checkpoint verified that both ranks hold identical parameters
     _, reports_a, hist_a = train(prepared, synth_root, tmp_path, "a", "--num-workers", "2")
     assert [m["step"] for m in reports_a] == [2, 4, 6]
@@ -63,10 +67,10 @@ def test_data_parallel_training_and_exact_resume(prepared, synth_root, ray_local
         assert hist_b2[s]["loss"] == pytest.approx(hist_a[s]["loss"], rel=1e-4)
     assert reports_b2[-1]["param_checksum"] == pytest.approx(reports_a[-1]["param_checksum"], rel=1e-6)
 
-    # `raydrive eval sparse4d --checkpoint RUN_FOLDER` scores the run's latest checkpoint on the val split
+    # `raydrive eval MODEL --checkpoint RUN_FOLDER` scores the run's latest checkpoint on the val split
     from raydrive.cli import main
 
-    assert main(["eval", "sparse4d", "--checkpoint", str(tmp_path / "a")]) == 0
+    assert main(["eval", model, "--checkpoint", str(tmp_path / "a")]) == 0
     assert "mAP:" in capsys.readouterr().out
 
     # one worker with the same global batch accumulates 2 micro-batches per step: the same frames per
@@ -78,11 +82,12 @@ def test_data_parallel_training_and_exact_resume(prepared, synth_root, ray_local
 
 
 @pytest.mark.slow
-def test_embedded_default_learns(ray_local, tmp_path, monkeypatch):
-    """The README's first command (`python -m raydrive.train sparse4d`), on a fresh cache: the same
+@pytest.mark.parametrize("model", MODELS)
+def test_embedded_default_learns(model, ray_local, tmp_path, monkeypatch):
+    """The README's first command (`python -m raydrive.train MODEL`), on a fresh cache: the same
     run scores the untrained and the trained model on the synthetic val split."""
     monkeypatch.setenv("RAYDRIVE_CACHE", str(tmp_path / "cache"))
-    cfg = resolve_config(build_parser().parse_intermixed_args(["sparse4d"]))
+    cfg = resolve_config(build_parser().parse_intermixed_args([model]))
     from raydrive.launch.train import resolve_data
 
     resolve_data(cfg)
@@ -119,7 +124,7 @@ def test_live_metrics_reach_the_nodes_prometheus_export(prepared, synth_root, ra
     done = {}
     thread = threading.Thread(
         target=lambda: done.update(
-            r=train(
+            r=_train(
                 prepared,
                 synth_root,
                 tmp_path,
@@ -274,7 +279,7 @@ def test_killed_worker_restarts_the_group_from_the_latest_checkpoint(prepared, s
     out = {}
     thread = threading.Thread(
         target=lambda: out.update(
-            r=train(
+            r=_train(
                 prepared,
                 synth_root,
                 tmp_path,

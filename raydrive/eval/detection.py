@@ -1,9 +1,10 @@
 """nuScenes detection evaluation through the real devkit.
 
-Predictions are boxes in the key-frame lidar frame, per sample token: `boxes` (N, 9) as
-x, y, z (centre), l, w, h, yaw, vx, vy (or (N, 7) without velocity), `scores` (N,), `labels` (N,)
-indexing CLASSES. They become a submission JSON in the global frame (attributes by the usual speed
-rule), which the devkit's `DetectionEval` scores.
+Predictions are boxes per sample token: `boxes` (N, 9) as x, y, z (centre), l, w, h, yaw, vx, vy
+(or (N, 7) without velocity), `scores` (N,), `labels` (N,) indexing CLASSES, in the model's box frame:
+the key-frame lidar frame (Sparse4D, StreamPETR) or the ego frame given by the element-wise mean of the
+six cameras' ego poses (BEVDepth's `frame="mean_cam_ego"`). They become a submission JSON in the
+global frame (attributes by the usual speed rule), which the devkit's `DetectionEval` scores.
 """
 
 from __future__ import annotations
@@ -26,7 +27,24 @@ from raydrive.data.infos import DataError
 TP_METRICS = ("trans_err", "scale_err", "orient_err", "vel_err", "attr_err")
 
 
-def to_submission(predictions: dict[str, dict], records: list[dict], max_per_sample: int = 500) -> dict:
+FRAMES = ("lidar", "mean_cam_ego")
+
+
+def box_frame_to_global(rec: dict, frame: str) -> np.ndarray:
+    """4x4 from the predictions' box frame to global."""
+    if frame == "lidar":
+        return geo.lidar_to_global(rec)
+    if frame == "mean_cam_ego":  # BEVDepth `get_gt` / `_format_bbox`: quaternion components averaged
+        cams = rec["cams"].values()
+        q = np.mean([np.asarray(c["ego2global_rotation"], dtype=np.float64) for c in cams], axis=0)
+        t = np.mean([np.asarray(c["ego2global_translation"], dtype=np.float64) for c in cams], axis=0)
+        return geo.transform(q / np.linalg.norm(q), t)
+    raise ValueError(f"unknown box frame {frame!r}; expected one of {FRAMES}")
+
+
+def to_submission(
+    predictions: dict[str, dict], records: list[dict], max_per_sample: int = 500, frame: str = "lidar"
+) -> dict:
     """Submission dict for the devkit. Every record gets an entry, with an empty list if it has none."""
     results = {}
     for rec in records:
@@ -40,7 +58,7 @@ def to_submission(predictions: dict[str, dict], records: list[dict], max_per_sam
             if boxes.ndim != 2 or boxes.shape[1] not in (7, 9):
                 raise DataError(f"predictions for sample {token}: boxes must be (N, 7) or (N, 9), got {boxes.shape}")
             order = np.argsort(-scores)[:max_per_sample]
-            m = geo.lidar_to_global(rec)
+            m = box_frame_to_global(rec, frame)
             centers = geo.apply(m, boxes[order, :3])
             vel = np.zeros((len(order), 3))
             if boxes.shape[1] == 9:
@@ -130,12 +148,13 @@ def evaluate(
     split: str = "val",
     output_dir: str | None = None,
     nusc=None,
+    frame: str = "lidar",
 ) -> dict:
     """Predictions -> submission JSON (written to output_dir) -> devkit metrics."""
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="raydrive-eval-"))
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "results_nusc.json"
-    path.write_text(json.dumps(to_submission(predictions, records)))
+    path.write_text(json.dumps(to_submission(predictions, records, frame=frame)))
     return evaluate_file(path, dataroot, version, eval_set_for(version, split), str(output_dir), nusc=nusc)
 
 
@@ -163,14 +182,16 @@ def format_table(metrics: dict) -> str:
 
 
 class NuScenesDetectionEvaluator:
-    """The evaluator seam (`raydrive.spec.Evaluator`) for models that predict boxes in the key-frame
-    lidar frame: each rank keeps its frames' boxes by sample token; rank 0 scores all of them with the
-    devkit's `DetectionEval` on the prepared split's records."""
+    """The evaluator seam (`raydrive.spec.Evaluator`) for box detectors: each rank keeps its frames'
+    boxes by sample token; rank 0 scores all of them with the devkit's `DetectionEval` on the prepared
+    split's records. `frame` is the predictions' box frame (see `box_frame_to_global`)."""
 
     headline = ("mAP", "NDS")
 
-    def __init__(self, prepared: str, dataroot: str | None = None, split: str = "val"):
-        self.prepared, self.dataroot, self.split = prepared, dataroot, split
+    def __init__(self, prepared: str, dataroot: str | None = None, split: str = "val", frame: str = "lidar"):
+        if frame not in FRAMES:
+            raise ValueError(f"unknown box frame {frame!r}; expected one of {FRAMES}")
+        self.prepared, self.dataroot, self.split, self.frame = prepared, dataroot, split, frame
         self.predictions: dict[str, dict] = {}
 
     def process(self, batch: dict, outputs: list[dict]) -> None:
@@ -189,7 +210,9 @@ class NuScenesDetectionEvaluator:
         records = table_to_records(read_split(Path(self.prepared) / "infos" / self.split))
         out_dir = tempfile.mkdtemp(prefix="raydrive-eval-")
         dataroot = self.dataroot or manifest["dataroot"]
-        return evaluate(predictions, records, dataroot, manifest["version"], self.split, output_dir=out_dir)
+        return evaluate(
+            predictions, records, dataroot, manifest["version"], self.split, output_dir=out_dir, frame=self.frame
+        )
 
     def format(self, metrics: dict) -> str:
         return format_table(metrics)

@@ -2,8 +2,10 @@
 
 Returns the outputs of the stages in `out_indices` (C2..C5 for 0..3), like mmdet's ResNet with
 `style="pytorch"` (stride on the 3x3 conv). `with_cp` checkpoints each block's activations
-(Sparse4D trains with it), `frozen_stages` freezes the stem and the first stages, `norm_eval`
-keeps BN statistics fixed in training.
+(Sparse4D trains with it), `frozen_stages` freezes the stem and the first stages (parameters and BN
+statistics, as mmdet's `_freeze_stages`), `norm_eval` keeps all BN statistics fixed in training.
+`in_channels`, `strides` and `stem_pool` build BEVDepth's BEV trunk (160 channels in, strides
+1/2/2, no max-pool).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class ResNet(nn.Module):
         frozen_stages: int = -1,
         norm_eval: bool = False,
         with_cp: bool = False,
+        in_channels: int = 3,
+        strides: tuple[int, ...] = (1, 2, 2, 2),
+        stem_pool: bool = True,
     ):
         super().__init__()
         if depth not in SPECS:
@@ -87,15 +92,15 @@ class ResNet(nn.Module):
             norm_eval,
             with_cp,
         )
-        self.conv1 = nn.Conv2d(3, base_channels, 7, 2, 3, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, base_channels, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(base_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem_pool else nn.Identity()
         inplanes = base_channels
         self.out_channels = []
         for i, n in enumerate(layers):
             planes = base_channels * 2**i
-            stride = 1 if i == 0 else 2
+            stride = strides[i]
             down = None
             if stride != 1 or inplanes != planes * block.expansion:
                 down = nn.Sequential(
@@ -110,16 +115,20 @@ class ResNet(nn.Module):
         self._freeze()
 
     def _freeze(self):
-        if self.frozen_stages >= 0:
-            for m in (self.conv1, self.bn1):
-                for p in m.parameters():
-                    p.requires_grad = False
-        for i in range(1, self.frozen_stages + 1):
-            for p in getattr(self, f"layer{i}").parameters():
+        for m in self._frozen_modules():
+            m.eval()
+            for p in m.parameters():
                 p.requires_grad = False
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        return [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
 
     def train(self, mode: bool = True):
         super().train(mode)
+        for m in self._frozen_modules():
+            m.eval()
         if mode and self.norm_eval:
             for m in self.modules():
                 if isinstance(m, nn.BatchNorm2d):
