@@ -84,15 +84,26 @@ def _summary(manifest: dict, out: Path) -> None:
 
 
 def _eval(args) -> int:
-    from raydrive.eval.detection import evaluate_file, format_table
+    from raydrive.eval import check_submission
+    from raydrive.eval.detection import eval_set_for, evaluate_file, format_table
 
+    if args.model is not None:
+        from raydrive.config import ConfigError
+        from raydrive.trainers import get_spec
+
+        try:
+            get_spec(args.model)
+        except KeyError as e:
+            raise ConfigError(f"{e.args[0]}; give one of them (or none: the checkpoint names its model)") from None
     if args.checkpoint:
         from raydrive.launch.evaluate import evaluate_checkpoint
 
         metrics, evaluator = evaluate_checkpoint(args.model, args.checkpoint, args.prepared, args.dataroot)
         table = evaluator.format(metrics)
     elif args.results and args.dataroot:
-        metrics = evaluate_file(args.results, args.dataroot, args.version, args.eval_set, args.output_dir)
+        eval_set = args.eval_set or eval_set_for(args.version, "val")
+        check_submission(args.results, args.dataroot, args.version, eval_set)
+        metrics = evaluate_file(args.results, args.dataroot, args.version, eval_set, args.output_dir)
         table = format_table(metrics)
     else:
         raise DataError("give --checkpoint CKPT (with a model name), or --dataroot D and --results FILE")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,8 @@ class RunSection:
     # checkpoint of an earlier stage of the same run)
     load_from: str | None = None
     trust_checkpoint: bool = False  # let load_from unpickle objects beyond tensors and numpy (can run code)
+    # start even when the cluster cannot host the workers yet (an autoscaling cluster adds nodes on demand)
+    wait_for_resources: bool = False
 
 
 @dataclass
@@ -260,3 +263,140 @@ def batching(run: RunSection, world_size: int | None = None) -> Batching:
             f"or set run.global_batch to a multiple of {world} x the batch size"
         )
     return Batching(world, b, g // (world * b), g)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ranges, checked before Ray starts: a bad value fails in a second with the key and the fix, not on the workers.
+
+FLAGS = {
+    "run.num_workers": "--num-workers",
+    "run.global_batch": "--global-batch",
+    "run.batch_size": "--batch-size",
+    "run.epochs": "--epochs",
+    "run.max_steps": "--max-steps",
+    "run.max_failures": "--max-failures",
+    "run.cpus_per_worker": "--cpus-per-worker",
+    "run.seed": "--seed",
+}
+CHOICES = {
+    "run.accelerator": ("auto", "npu", "cuda", "cpu"),
+    "run.backend": (None, "hccl", "nccl", "gloo"),
+    "run.precision": ("auto", "fp32", "fp16", "bf16"),
+    "optim.schedule": ("cosine", "multistep"),
+}
+# key -> (lowest allowed, whether None is allowed); None means "unset" for optional keys
+MINIMUMS = {
+    "run.num_workers": (1, False),
+    "run.global_batch": (1, False),
+    "run.batch_size": (1, False),
+    "run.epochs": (1, False),
+    "run.max_steps": (1, True),
+    "run.stop_at_step": (1, True),
+    "run.max_failures": (-1, False),
+    "run.checkpoint_every": (1, False),
+    "run.keep_checkpoints": (1, False),
+    "run.log_every": (1, False),
+    "run.benchmark_steps": (1, False),
+    "run.benchmark_warmup": (0, False),
+    "data.seq_split_num": (1, False),
+    "data.max_tasks": (1, False),
+    "data.prefetch_batches": (0, False),
+    "optim.warmup_iters": (0, False),
+    "optim.weight_decay": (0, False),
+}
+POSITIVE = ("run.cpus_per_worker", "data.cpus_per_task", "optim.lr", "optim.grad_clip", "optim.gamma")
+FRACTIONS = ("optim.min_lr_ratio",)  # [0, 1]; fields named *_prob too, in every section
+
+
+def _name(key: str, value) -> str:
+    flag = FLAGS.get(key)
+    return f"{flag} {value}" if flag else f"{key}={value}"
+
+
+def _fix(key: str, what: str) -> str:
+    flag = FLAGS.get(key)
+    return f"pass {flag} with a value {what}" if flag else f"set {key} to a value {what}"
+
+
+def _range_problem(key: str, value) -> str | None:
+    """What is wrong with one shared key's value, or None."""
+    if key in CHOICES and value not in CHOICES[key]:
+        shown = ", ".join(str(c) for c in CHOICES[key] if c is not None)
+        return f"{_name(key, value)}: not one of {shown}; choose one of them"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{_name(key, value)}: not a finite number; give a finite one"
+    if key in MINIMUMS and value < MINIMUMS[key][0]:
+        low, optional = MINIMUMS[key]
+        unset = f", or leave {FLAGS.get(key, key)} out" if optional else ""
+        return f"{_name(key, value)}: must be >= {low}; {_fix(key, f'>= {low}')}{unset}"
+    if key in POSITIVE and value <= 0:
+        return f"{_name(key, value)}: must be > 0; {_fix(key, '> 0')}"
+    if (key in FRACTIONS or key.endswith("_prob")) and not 0 <= value <= 1:
+        return f"{_name(key, value)}: must be within [0, 1]; {_fix(key, 'from 0 to 1')}"
+    return None
+
+
+def _tuple_problem(key: str, hint, value, default) -> str | None:
+    """A fixed-length tuple field (e.g. `tuple[float, float]`) holding another number of items."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is not tuple else [hint]
+    for a in args:
+        if typing.get_origin(a) is tuple:
+            items = typing.get_args(a)
+            fixed = items and Ellipsis not in items
+            if fixed and isinstance(value, (tuple, list)) and len(value) != len(items):
+                fits = isinstance(default, tuple) and len(default) == len(items)
+                example = ",".join(str(v) for v in default) if fits else ",".join(["..."] * len(items))
+                return (
+                    f"{key}={tuple(value)}: needs {len(items)} values, got {len(value)}; "
+                    f"give {len(items)} comma-separated values, e.g. {key}=({example})"
+                )
+    return None
+
+
+def _section_problems(section_name: str, section) -> list[str]:
+    hints = typing.get_type_hints(type(section))
+    problems = []
+    for f in dataclasses.fields(section):
+        key, value = f"{section_name}.{f.name}", getattr(section, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        problems.append(_range_problem(key, value) or _tuple_problem(key, hints.get(f.name), value, default))
+    return [p for p in problems if p]
+
+
+def _cross_problems(cfg: TrainConfig) -> list[str]:
+    """Checks that involve two keys."""
+    r, o = cfg.run, cfg.optim
+    out = []
+    if r.benchmark and r.benchmark_warmup >= r.benchmark_steps:
+        out.append(
+            f"run.benchmark_warmup={r.benchmark_warmup} leaves none of run.benchmark_steps={r.benchmark_steps} to "
+            f"time; set run.benchmark_warmup below run.benchmark_steps"
+        )
+    if r.stop_at_step and r.max_steps and r.stop_at_step > r.max_steps:
+        out.append(f"run.stop_at_step={r.stop_at_step} is after --max-steps {r.max_steps}; set it below that")
+    ms = list(o.milestones)
+    if ms and (any(not 0 < m < 1 for m in ms) or ms != sorted(ms)):
+        out.append(f"optim.milestones={tuple(ms)}: fractions of the run in (0, 1), increasing; e.g. (0.7,0.9)")
+    if isinstance(o.loss_scale, str) and o.loss_scale != "dynamic":
+        out.append(f"optim.loss_scale={o.loss_scale!r}: give dynamic or a number > 0")
+    elif not isinstance(o.loss_scale, str) and not o.loss_scale > 0:
+        out.append(f"optim.loss_scale={o.loss_scale}: give dynamic or a number > 0")
+    bad_mults = {k: v for k, v in o.lr_mults.items() if not (math.isfinite(v) and v >= 0)}
+    if bad_mults:
+        out.append(f"optim.lr_mults={bad_mults}: multipliers must be finite and >= 0")
+    if not 0 < o.warmup_ratio <= 1:
+        out.append(f"optim.warmup_ratio={o.warmup_ratio}: must be within (0, 1]; e.g. optim.warmup_ratio=0.333")
+    return out
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Raise ConfigError naming the first out-of-range value (shared sections: ranges and choices; every
+    section, the model's included: finite numbers, probabilities in [0, 1], fixed-length tuples)."""
+    problems = []
+    for section in SECTIONS:
+        problems += _section_problems(section, getattr(cfg, section))
+    problems += _cross_problems(cfg)
+    if problems:
+        raise ConfigError(problems[0])

@@ -74,7 +74,15 @@ def checkpoint_globals(path: str | Path) -> list:
     UnsafeCheckpoint naming any that could run code."""
     import torch
 
-    unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if "." in g]
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:  # torch's reader on a truncated or foreign file: say so in one line
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError(
+            f"{path} cannot be read as a torch checkpoint ({first.split('. ')[0]}): it is truncated or not a .pth "
+            f"file; copy or download it again"
+        ) from None
+    unsafe = [g for g in found if "." in g]
     refused = [g for g in unsafe if not allowed(*g.rsplit(".", 1))]
     if refused:
         raise UnsafeCheckpoint(

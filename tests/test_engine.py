@@ -45,7 +45,7 @@ def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
     ckpt.set_rng_state(state["rng"][0])
     assert torch.equal(torch.rand(3), expected)
     (d / ckpt.STATE_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(ckpt.BrokenCheckpoint, match="train_state.pt is missing"):
         ckpt.load(d)
 
 

@@ -273,19 +273,71 @@ def build_infos(nusc, version: str, max_sweeps: int = 10, show_progress: bool = 
     return result
 
 
-def check_files(records: list[dict], dataroot: str | os.PathLike) -> None:
-    """Every image and lidar file a record names must exist: say which one is missing and what to do."""
+def check_files(records: list[dict], dataroot: str | os.PathLike, show_progress: bool = False) -> dict:
+    """Every image and lidar file a record names must exist, and every image must decode its header
+    (with the record's size) and, for JPEG, end with its end-of-image marker: a corrupt file fails here,
+    named, rather than in a training worker. Lidar files with NaN coordinates are returned (warned
+    about by prepare) as {"lidar_nan": [{"path", "nan_points", "points"}, ...]}."""
     root = Path(dataroot)
-    for rec in records:
-        paths = [rec["lidar_path"]] + [c["data_path"] for c in rec["cams"].values()]
-        for p in paths:
-            full = resolve_path(root, p)
-            if not full.is_file():
-                kind = "lidar file" if p == rec["lidar_path"] else "image"
-                raise DataError(
-                    f"missing {kind} {full} (sample {rec['token']}); the nuScenes tree at {root} is incomplete: "
-                    f"extract the blobs that hold it, or point --dataroot at the complete tree"
-                )
+    nan_files = []
+    for rec in tqdm(records, desc="prepare: check files", unit="frame", disable=not show_progress):
+        for c in rec["cams"].values():
+            full = resolve_path(root, c["data_path"])
+            _missing(full, "image", rec, root)
+            check_image(full, int(c.get("width") or 0), int(c.get("height") or 0), rec["token"])
+        full = resolve_path(root, rec["lidar_path"])
+        _missing(full, "lidar file", rec, root)
+        nan = _lidar_nan(full, rec["token"])
+        if nan:
+            nan_files.append({"path": str(full), **nan})
+    return {"lidar_nan": nan_files}
+
+
+def _missing(full: Path, kind: str, rec: dict, root: Path) -> None:
+    if not full.is_file():
+        raise DataError(
+            f"missing {kind} {full} (sample {rec['token']}); the nuScenes tree at {root} is incomplete: "
+            f"extract the blobs that hold it, or point --dataroot at the complete tree"
+        )
+
+
+JPEG_END = b"\xff\xd9"
+
+
+def check_image(path: Path, width: int, height: int, token: str) -> None:
+    """The image's header decodes with the record's size; a JPEG ends with its end-of-image marker
+    (a truncated download does not). Reads the header and the last bytes only."""
+    from PIL import Image
+
+    fix = "replace it with an intact copy (re-extract its blob) and run prepare again"
+    try:
+        with Image.open(path) as im:
+            size, fmt = im.size, im.format
+    except Exception as e:  # PIL raises several types for a file it cannot parse
+        raise DataError(f"corrupt image {path} (sample {token}): {type(e).__name__}: {e}; {fix}") from None
+    if width and height and size != (width, height):
+        raise DataError(
+            f"image {path} (sample {token}) is {size[0]}x{size[1]}, its calibration says {width}x{height}; {fix}"
+        )
+    if fmt == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 64))
+            tail = f.read().rstrip(b"\x00\r\n\t ")
+        if not tail.endswith(JPEG_END):
+            raise DataError(f"truncated image {path} (sample {token}): no JPEG end marker; {fix}")
+
+
+def _lidar_nan(path: Path, token: str) -> dict | None:
+    """NaN coordinate count of a nuScenes `.pcd.bin` (float32 x, y, z, intensity, ring), None if none."""
+    raw = np.fromfile(path, dtype=np.float32)
+    if raw.size % 5:
+        raise DataError(
+            f"lidar file {path} (sample {token}) has {raw.size} floats, not a multiple of 5: it is truncated or "
+            f"not a nuScenes .pcd.bin; replace it with an intact copy"
+        )
+    points = raw.reshape(-1, 5)
+    nan = int(np.isnan(points[:, :3]).any(axis=1).sum())
+    return {"nan_points": nan, "points": len(points)} if nan else None
 
 
 def resolve_path(dataroot: str | os.PathLike, path: str) -> Path:

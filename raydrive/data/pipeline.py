@@ -23,6 +23,7 @@ Design
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ from raydrive.data.parquet import read_split
 from raydrive.data.prepare import load_manifest
 from raydrive.spec import FrameMapper
 
+# I/O failures that may pass (network mounts); any other mapper error repeats on every retry
+TRANSIENT_ERRNOS = {errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET, errno.EAGAIN, errno.EINTR}
 # what every batch carries besides the mapper's output: identity and the plan
 IDENTITY = ("token", "scene_token")
 PLAN_KEYS = ("frame", "epoch", "step", "micro", "slot", "seq_start", "seq_id", "aug_seed")
@@ -160,8 +163,23 @@ class FramePipeline:
 
 
 def map_block(rows: dict[str, np.ndarray], mapper: FrameMapper) -> dict[str, np.ndarray]:
-    """Ray Data task body: the model's mapper, plus the identity and plan columns every batch carries."""
-    out = mapper(rows)
+    """Ray Data task body: the model's mapper, plus the identity and plan columns every batch carries.
+    A mapper error that is not already a DataError becomes one naming the samples of the block (only
+    its text crosses back to the worker); transient I/O errors (a flaky network mount) stay as they
+    are, since a retry may cure them."""
+    try:
+        out = mapper(rows)
+    except DataError:
+        raise
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+            raise
+        tokens = [str(t) for t in rows.get("token", [])]
+        shown = ", ".join(tokens[:4]) + (f" (+{len(tokens) - 4} more)" if len(tokens) > 4 else "")
+        raise DataError(
+            f"the {type(mapper).__name__} frame mapper failed on sample(s) {shown}: {type(e).__name__}: {e}; "
+            f"check these frames' files and info records"
+        ) from e
     for key in (*IDENTITY, *PLAN_KEYS):
         out[key] = np.asarray(rows[key])
     return out

@@ -241,7 +241,7 @@ def records_from_pkl(path: str | Path, dataroot: str | None = None) -> tuple[lis
     payload = load_pkl(path)
     fmt = detect_format(payload)
     if fmt == "bevdepth":
-        records = [_from_bevdepth(info, i, path) for i, info in enumerate(payload)]
+        records = [_from_bevdepth(info, i, path, dataroot) for i, info in enumerate(payload)]
         version = "unknown"
     else:
         records = [_from_mmdet3d(info, i, path, dataroot) for i, info in enumerate(payload["infos"])]
@@ -258,7 +258,8 @@ def _strip_root(p: str, dataroot: str | os.PathLike | None) -> str:
 
     Paths may have been written with the root as typed (`./data/nuscenes/samples/...`), normalised, or
     absolute, and `dataroot` may be given in another of those forms: compare normalised paths first,
-    then paths made absolute against the current directory (and the root with its links resolved).
+    then paths made absolute against the current directory (and the root with its links resolved),
+    and last re-root the path at its `samples/` or `sweeps/` folder (a pkl converted with another root).
     """
     if not dataroot:
         return p
@@ -272,6 +273,23 @@ def _strip_root(p: str, dataroot: str | os.PathLike | None) -> str:
         prefix = prefix.rstrip(os.sep) + os.sep
         if path.startswith(prefix):
             return path[len(prefix) :]
+    return _from_tree_folder(p, root)
+
+
+# the top-level folders of a nuScenes tree that info records point into
+TREE_FOLDERS = ("samples", "sweeps")
+
+
+def _from_tree_folder(p: str, root: str) -> str:
+    """A path written under another root (`./data/nuscenes/samples/...` converted elsewhere, or an
+    absolute path of another machine), re-rooted at `root` from its `samples/` or `sweeps/` folder on;
+    an absolute path that exists as written is kept."""
+    if os.path.isabs(p) and os.path.exists(p):
+        return p
+    parts = Path(os.path.normpath(p)).parts
+    for i, part in enumerate(parts):
+        if part in TREE_FOLDERS and i + 1 < len(parts):
+            return os.path.join(*parts[i:])
     return p
 
 
@@ -308,13 +326,15 @@ def _from_mmdet3d(info: dict, i: int, path, dataroot) -> dict:
     cams = {}
     for cam in CAMERAS:
         c = info["cams"][cam]
+        data_path = _strip_root(c["data_path"], dataroot)
+        width, height = _image_size(c, data_path, dataroot)
         cams[cam] = {
-            "data_path": _strip_root(c["data_path"], dataroot),
+            "data_path": data_path,
             "type": cam,
             "sample_data_token": c.get("sample_data_token", ""),
             "timestamp": int(c.get("timestamp", info["timestamp"])),
-            "width": int(c.get("width", 1600)),
-            "height": int(c.get("height", 900)),
+            "width": width,
+            "height": height,
             **{k: np.asarray(c[k], dtype=np.float64) for k in (*_POSE_KEYS, "cam_intrinsic")},
         }
     rec["cams"] = cams
@@ -349,6 +369,21 @@ def _from_mmdet3d(info: dict, i: int, path, dataroot) -> dict:
     rec.update(_global_annotations(boxes, vel, lidar2global, names))
     rec.update(_ann2d_from_streampetr(info, n))
     return rec
+
+
+def _image_size(cam: dict, data_path: str, dataroot) -> tuple[int, int]:
+    """(width, height) of a camera entry: its own fields (BEVDepth, StreamPETR), else the image's header
+    (mmdet3d pkls carry none), else nuScenes' 1600 x 900."""
+    if "width" in cam and "height" in cam:
+        return int(cam["width"]), int(cam["height"])
+    path = Path(data_path) if os.path.isabs(data_path) or not dataroot else Path(dataroot) / data_path
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # missing or unreadable: prepare's file check names it
+        return 1600, 900
 
 
 def _global_annotations(boxes, vel, lidar2global, names) -> dict:
@@ -394,7 +429,7 @@ def _ann2d_from_streampetr(info: dict, n: int) -> dict:
     return res
 
 
-def _from_bevdepth(info: dict, i: int, path) -> dict:
+def _from_bevdepth(info: dict, i: int, path, dataroot=None) -> dict:
     token = info.get("sample_token", f"#{i}")
     for key in ("sample_token", "timestamp", "cam_infos", "lidar_infos"):
         if key not in info:
@@ -413,7 +448,7 @@ def _from_bevdepth(info: dict, i: int, path) -> dict:
         "frame_idx": -1,
         "prev": "",
         "next": "",
-        "lidar_path": lidar["filename"],
+        "lidar_path": _strip_root(lidar["filename"], dataroot),
         "lidar_sample_data_token": "",
         "lidar2ego_translation": np.array(lidar["calibrated_sensor"]["translation"], dtype=np.float64),
         "lidar2ego_rotation": np.array(lidar["calibrated_sensor"]["rotation"], dtype=np.float64),
@@ -430,7 +465,7 @@ def _from_bevdepth(info: dict, i: int, path) -> dict:
         )
         s2l = lidar2global_inv @ s2g
         cams[cam] = {
-            "data_path": c["filename"],
+            "data_path": _strip_root(c["filename"], dataroot),
             "type": cam,
             "sample_data_token": "",
             "timestamp": int(c["timestamp"]),

@@ -7,12 +7,20 @@ Output folder layout:
     depth_gt/<image name>.bin          BEVDepth depth ground truth, float32 (u, v, depth) rows
     anchors/nuscenes_kmeans900.npy     assets the models need (`assets.py`), e.g. Sparse4D's k-means anchors
     pkl/<format>/<file>.pkl            optional upstream info pkls (--pkl-format)
+
+Everything is built in a staging folder next to `--out` (`.<name>.staging-<pid>`) and swapped in only
+when complete: a failed or interrupted prepare leaves `--out` as it was, and a re-prepare leaves no
+file of the previous set behind. The manifest lists every file with its size, modification time and
+sha256; `verify_prepared` holds a folder to it before training (sizes and times, hashing a file only
+when its time differs) and in `raydrive doctor` (every sha256).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +59,78 @@ class PrepareConfig:
 
 
 def prepare(cfg: PrepareConfig) -> dict:
-    """Run the whole preparation; returns the manifest."""
+    """Run the whole preparation in a staging folder and swap it in as `cfg.out`; returns the manifest."""
     out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, cfg)
+    staging = _staging(out)
+    try:
+        manifest = _build(cfg, staging)
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_out(out: Path, cfg: PrepareConfig) -> None:
+    """`--out` may be new, empty or a prepared folder (which is replaced), and must not hold the input."""
+    _recover(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise DataError(
+            f"--out {out} holds files but no {MANIFEST}: it is not a prepared folder, and prepare replaces its "
+            f"--out as a whole; give a new or empty folder"
+        )
+    for given, what in ((cfg.dataroot, "--dataroot"), (cfg.from_pkl, "--from-pkl")):
+        if given and out.is_dir() and Path(given).resolve().is_relative_to(out):
+            raise DataError(f"{what} {given} lies inside --out {out}, which prepare replaces; give another --out")
+    for other in out.parent.glob(f".{out.name}.staging-*"):
+        pid = other.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            raise DataError(f"another raydrive prepare (pid {pid}) is writing {out}; wait for it to finish")
+        shutil.rmtree(other, ignore_errors=True)  # left by an interrupted prepare
+
+
+def _recover(out: Path) -> None:
+    """Put back a previous set that an interrupted swap left aside (between its two renames)."""
+    if out.exists():
+        for old in out.parent.glob(f".{out.name}.old-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"))
+    if olds and (olds[-1] / MANIFEST).is_file():
+        os.rename(olds[-1], out)
+
+
+def _staging(out: Path) -> Path:
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Make the complete staging folder `out`: the old set is moved aside first, then removed."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(cfg: PrepareConfig, out: Path) -> dict:
+    """The preparation itself, written into `out` (the staging folder)."""
     if cfg.from_pkl:
         records, fmt, version = records_from_pkl(cfg.from_pkl, cfg.dataroot)
         split = cfg.split or _split_from_name(Path(cfg.from_pkl).name)
@@ -61,6 +138,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         dataroot = Path(cfg.dataroot).resolve() if cfg.dataroot else Path(cfg.from_pkl).resolve().parent
         source = {"kind": "pkl", "path": str(Path(cfg.from_pkl).resolve()), "format": fmt}
         version = version if version != "unknown" else cfg.version
+        checked = check_files(records, dataroot, cfg.show_progress)
     else:
         from nuscenes.nuscenes import NuScenes
 
@@ -74,8 +152,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         splits = build_infos(nusc, cfg.version, cfg.max_sweeps, cfg.show_progress)
         source = {"kind": "nuscenes", "path": str(dataroot)}
         version = cfg.version
-        for records in splits.values():
-            check_files(records, dataroot)
+        checked = check_files([r for recs in splits.values() for r in recs], dataroot, cfg.show_progress)
 
     manifest: dict = {
         "format": "raydrive-prepared",
@@ -89,8 +166,15 @@ def prepare(cfg: PrepareConfig) -> dict:
         "cameras": list(CAMERAS),
         "splits": {},
     }
+    nan_files = checked.get("lidar_nan", [])
+    if nan_files:
+        manifest["lidar_nan"] = nan_files
+        for entry in nan_files[:5]:
+            print(f"prepare: warning: lidar file {entry['path']} has {entry['nan_points']} points with NaN coordinates")
+        if len(nan_files) > 5:
+            print(f"prepare: warning: {len(nan_files)} lidar files in all have NaN points (listed in {MANIFEST})")
     for split, records in splits.items():
-        files = write_split(records, out / "infos" / split)
+        files = [_stamp(out / "infos" / split, f) for f in write_split(records, out / "infos" / split)]
         names = np.concatenate([r["gt_names"] for r in records]) if records else np.array([])
         manifest["splits"][split] = {
             "frames": len(records),
@@ -105,22 +189,28 @@ def prepare(cfg: PrepareConfig) -> dict:
         manifest["depth_gt"] = {"dir": "depth_gt", "files": n}
     assets = sorted(ASSETS) if cfg.assets is None else cfg.assets
     if assets and "train" in splits:
-        manifest["assets"] = make_assets(assets, splits["train"], out)
+        made = make_assets(assets, splits["train"], out)
+        manifest["assets"] = {name: _stamp(out, entry) for name, entry in made.items()}
     pkls = []
     for fmt in cfg.pkl_formats:
         for split, records in splits.items():
             path = out / "pkl" / fmt / FILE_NAMES[fmt].format(split=split)
             # the root as the user gave it: upstream keeps relative roots relative (pkl_formats._with_root)
             write_pkl(records, fmt, path, version, cfg.dataroot or str(dataroot))
-            pkls.append(
-                {"format": fmt, "split": split, "path": str(path.relative_to(out)), "sha256": sha256_file(path)}
-            )
+            entry = {"format": fmt, "split": split, "path": str(path.relative_to(out)), "sha256": sha256_file(path)}
+            pkls.append(_stamp(out, entry))
     if pkls:
         manifest["pkl"] = pkls
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(out / MANIFEST)
     return manifest
+
+
+def _stamp(folder: Path, entry: dict) -> dict:
+    """A manifest file entry with the file's size and modification time (for the fast check)."""
+    st = (folder / entry["path"]).stat()
+    return {**entry, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _split_from_name(name: str) -> str:
@@ -136,10 +226,87 @@ def load_manifest(prepared: str | Path) -> dict:
         raise DataError(
             f"{path} does not exist: {prepared} is not a prepared folder; run `raydrive prepare --out {prepared}`"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{path} is unreadable ({type(e).__name__}: {e}); re-run `raydrive prepare --out {prepared}`"
+        ) from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(
             f"{path} has schema version {manifest.get('schema_version')}, this raydrive reads {SCHEMA_VERSION}: "
             f"re-run `raydrive prepare`"
         )
+    return manifest
+
+
+# ---- the folder against its manifest -------------------------------------------------------------------------
+
+
+def _listed_files(manifest: dict) -> list[tuple[str, dict]]:
+    """(path relative to the folder, manifest entry) of every file the manifest describes by hash."""
+    files = []
+    for split, info in manifest["splits"].items():
+        files += [(f"infos/{split}/{f['path']}", f) for f in info.get("files", [])]
+    files += [(a["path"], a) for a in manifest.get("assets", {}).values()]
+    files += [(p["path"], p) for p in manifest.get("pkl", [])]
+    return files
+
+
+def _file_problem(folder: Path, rel: str, entry: dict, full: bool) -> str | None:
+    path = folder / rel
+    if not path.is_file():
+        return f"{path} is missing"
+    st = path.stat()
+    if "size" in entry and st.st_size != entry["size"]:
+        return f"{path} has {st.st_size} bytes, the manifest says {entry['size']}"
+    unchanged = entry.get("mtime_ns") == st.st_mtime_ns and "size" in entry
+    if (full or not unchanged) and "sha256" in entry and sha256_file(path) != entry["sha256"]:
+        return f"{path} differs from what prepare wrote (sha256)"
+    return None
+
+
+def _split_problem(folder: Path, split: str, info: dict) -> str | None:
+    """Part files that the manifest does not list, or row counts that differ from it."""
+    import pyarrow.parquet as pq
+
+    listed = {f["path"]: f for f in info.get("files", [])}
+    present = {p.name for p in (folder / "infos" / split).glob("part-*.parquet")}
+    extra = sorted(present - set(listed))
+    if extra:
+        return f"{folder / 'infos' / split / extra[0]} is not in the manifest (left by another prepare)"
+    for name, entry in listed.items():
+        path = folder / "infos" / split / name
+        if not path.is_file():
+            continue  # reported as missing
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as e:  # pyarrow's error for a truncated or foreign file
+            return f"{path} is not a readable parquet file ({type(e).__name__})"
+        if "rows" in entry and rows != entry["rows"]:
+            return f"{path} has {rows} rows, the manifest says {entry['rows']}"
+    if sum(f.get("rows", 0) for f in listed.values()) != info.get("frames", 0):
+        return f"split {split!r}: its part files hold another number of rows than its {info.get('frames')} frames"
+    return None
+
+
+def verify_prepared(prepared: str | Path, full: bool = False) -> dict:
+    """Hold a prepared folder to its manifest: every listed file present with its size (and its sha256
+    when `full`, or when its modification time changed), no unlisted part files, the parquet row counts
+    and the number of depth files. Raises DataError naming the first file that differs; returns the
+    manifest."""
+    folder = Path(prepared)
+    manifest = load_manifest(folder)
+    fix = f"re-run `raydrive prepare --out {folder}`"
+    problems = [_file_problem(folder, rel, entry, full) for rel, entry in _listed_files(manifest)]
+    problems += [_split_problem(folder, s, info) for s, info in manifest["splits"].items()]
+    if "depth_gt" in manifest:
+        depth = folder / manifest["depth_gt"]["dir"]
+        count = sum(1 for _ in depth.glob("*.bin")) if depth.is_dir() else 0
+        if count != manifest["depth_gt"]["files"]:
+            problems.append(f"{depth} has {count} depth files, the manifest says {manifest['depth_gt']['files']}")
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise DataError(f"prepared folder {folder} does not match its {MANIFEST}: {problem}; {fix}")
     return manifest

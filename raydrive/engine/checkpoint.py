@@ -1,13 +1,20 @@
 """Checkpoints: everything a run needs to continue exactly where it stopped.
 
 One directory per checkpoint: `model.pt` (the model's state dict, upstream key names), `train_state.pt`
-(optimizer, grad scaler, step, epoch, position in the epoch's lane plan, RNG states) and `meta.json`.
-Files are written into a temporary directory and renamed into place, so a crash never leaves a
-half-written checkpoint behind; both `.pt` files load with `torch.load(weights_only=True)`.
+(optimizer, grad scaler, step, epoch, position in the epoch's lane plan, RNG states), `meta.json`, and
+last `raydrive_complete.json`: every other file's size and sha256. Files are written into a temporary
+directory and renamed into place; both `.pt` files load with `torch.load(weights_only=True)`.
+
+Ray Train then copies the directory into the run folder under its final name, file by file, in no
+set order (there is no hook to copy it under a temporary name): a copy cut short by a full disk or a
+kill leaves a folder that looks like a checkpoint. The marker is what makes one visible to raydrive:
+`verify` checks it (sizes; sha256 too when loading), and every reader (resume, `raydrive eval`, a
+later stage, `--load-from`) skips and reports a folder that fails it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -18,8 +25,14 @@ import numpy as np
 import torch
 
 from raydrive import safe_pickle
+from raydrive.data.infos import DataError
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
+COMPLETE_FILE = "raydrive_complete.json"  # written last: the other files' sizes and sha256
+
+
+class BrokenCheckpoint(DataError):
+    """A checkpoint folder that is incomplete or altered; the message says what is wrong with it."""
 
 
 def rng_state() -> dict:
@@ -52,16 +65,93 @@ def save(directory: Path, model_state: dict, train_state: dict, meta: dict) -> P
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    write_marker(tmp, meta.get("step"))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
     return directory
 
 
-def load(directory: Path, map_location="cpu") -> tuple[dict, dict, dict]:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_marker(directory: Path, step: int | None) -> None:
+    """List every file of `directory` with its size and sha256 in COMPLETE_FILE (fsynced)."""
     directory = Path(directory)
-    missing = [f for f in (MODEL_FILE, STATE_FILE, META_FILE) if not (directory / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint {directory} is incomplete (missing {missing})")
+    files = {
+        f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(directory.iterdir())
+        if f.is_file() and f.name != COMPLETE_FILE
+    }
+    with open(directory / COMPLETE_FILE, "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(directory: Path, full: bool = False) -> dict:
+    """The marker of a complete checkpoint; raises BrokenCheckpoint saying what is missing, short or
+    (with `full`) altered."""
+    directory = Path(directory)
+    try:
+        marker = json.loads((directory / COMPLETE_FILE).read_text())
+        files = marker["files"]
+    except FileNotFoundError:
+        raise BrokenCheckpoint(f"no {COMPLETE_FILE} (its copy was cut short, or an older raydrive wrote it)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BrokenCheckpoint(f"{COMPLETE_FILE} is unreadable ({type(e).__name__})") from None
+    for name in (MODEL_FILE, STATE_FILE, META_FILE):
+        if name not in files:
+            raise BrokenCheckpoint(f"{COMPLETE_FILE} does not list {name}")
+    for name, info in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise BrokenCheckpoint(f"{name} is missing")
+        size = path.stat().st_size
+        if size != info["size"]:
+            raise BrokenCheckpoint(f"{name} has {size} bytes, {info['size']} were written")
+        if full and _sha256(path) != info["sha256"]:
+            raise BrokenCheckpoint(f"{name} differs from what was written (sha256)")
+    return marker
+
+
+def checkpoint_step(directory: Path) -> int | None:
+    """The optimizer step a checkpoint folder holds (from its marker or meta.json), None if unknown."""
+    for name in (COMPLETE_FILE, META_FILE):
+        try:
+            step = json.loads((Path(directory) / name).read_text()).get("step")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(step, int):
+            return step
+    return None
+
+
+def scan(run_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The run folder's complete checkpoints, oldest step first, and its broken ones with the reason."""
+    complete, broken = [], []
+    for d in sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()):
+        try:
+            verify(d)
+        except BrokenCheckpoint as e:
+            broken.append((d, str(e)))
+            continue
+        complete.append(d)
+    complete.sort(key=lambda d: (checkpoint_step(d) or 0, d.name))
+    return complete, broken
+
+
+def load(directory: Path, map_location="cpu") -> tuple[dict, dict, dict]:
+    """Model state, train state and meta of a checkpoint, verified in full first."""
+    directory = Path(directory)
+    try:
+        verify(directory, full=True)
+    except BrokenCheckpoint as e:
+        raise BrokenCheckpoint(f"checkpoint {directory} is broken: {e}") from None
     model = torch.load(directory / MODEL_FILE, map_location=map_location, weights_only=True)
     state = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
     return model, state, json.loads((directory / META_FILE).read_text())

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raydrive.config import TrainConfig, batching
+from raydrive.config import ConfigError, TrainConfig, batching
 from raydrive.data.assets import asset_paths
 from raydrive.data.lanes import LaneConfig
 from raydrive.data.pipeline import FramePipeline, PipelineConfig
@@ -35,13 +35,14 @@ from raydrive.engine import checkpoint as ckpt
 from raydrive.engine.evaluate import evaluate
 from raydrive.engine.metrics import LiveMetrics
 from raydrive.engine.optim import build_optimizer, build_scaler, clip_and_step, set_lr
-from raydrive.engine.state import TrainState, checkpoint_and_report, restore
+from raydrive.engine.state import TrainState, checkpoint_and_report, restore, resume_point
 from raydrive.engine.tensorboard import TensorBoardLog, tensorboard_dir
 from raydrive.engine.timer import StepTimer
+from raydrive.errors import DeterministicError, worker_failure
 from raydrive.spec import KeyFrames, Lanes, ModelSpec
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(DeterministicError):
     pass
 
 
@@ -89,7 +90,7 @@ def load_model(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> torch
         state = ckpt.load_weights(cfg.run.load_from, cfg.run.trust_checkpoint)
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
+            raise ConfigError(
                 f"--load-from {cfg.run.load_from} does not fit {cfg.model_name} ({cfg.preset}): "
                 f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
                 f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}); "
@@ -200,19 +201,35 @@ def _micro_batches(stream, accum: int, timer: StepTimer):
 
 
 def train_loop(spec: ModelSpec, config: dict) -> None:
-    """Ray Train's train_loop_per_worker for every registered model (bound through `ModelSpec.train_loop`)."""
+    """Ray Train's train_loop_per_worker for every registered model (bound through `ModelSpec.train_loop`).
+    A failure that a retry would repeat leaves as a one-line FatalRunError, which Ray Train does not
+    retry; its traceback goes to the run folder's log (`raydrive/errors.py`)."""
+    import ray.train
+
+    cfg = TrainConfig.from_dict(config["config"], spec.config_cls, spec.mapper_cls)
+    ctx = ray.train.get_context()
+    try:
+        _train(spec, cfg, config, ctx)
+    except Exception as e:
+        storage = cfg.run.storage_path
+        run_dir = Path(storage) / (cfg.run.name or ctx.get_experiment_name()) if storage else None
+        failure = worker_failure(e, run_dir, ctx.get_world_rank())
+        if failure is e:
+            raise
+        raise failure from None
+
+
+def _train(spec: ModelSpec, cfg: TrainConfig, config: dict, ctx) -> None:
     import ray.train
 
     from raydrive.accel import PRECISIONS, worker_device
 
-    cfg = TrainConfig.from_dict(config["config"], spec.config_cls, spec.mapper_cls)
-    ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = worker_device(config["accelerator"])
     seed_everything(cfg.run.seed + rank)
     torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
     w = Worker(spec, cfg, rank, world, device, PRECISIONS[config["precision"]])
-    restored = ray.train.get_checkpoint()
+    restored = resume_point(ray.train.get_checkpoint(), config.get("resume_from"))
     if restored is not None:
         restore(w, restored)
     w.tb = TensorBoardLog(_tensorboard_dir(cfg, ctx.get_experiment_name()), rank, w.state.resumed_from)

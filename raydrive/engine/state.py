@@ -83,11 +83,28 @@ def checkpoint_and_report(w, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
 
 
+def resume_point(registered, resume_from: str | None):
+    """What to continue from: Ray's latest registered checkpoint or `resume_from` (the newest complete
+    checkpoint the driver found in the run folder, which Ray may not have registered), whichever holds
+    the later step; None to start afresh."""
+    if not resume_from or not Path(resume_from).is_dir():
+        return registered
+    if registered is None:
+        return resume_from
+    with registered.as_directory() as d:
+        ray_step = ckpt.checkpoint_step(Path(d)) or 0
+    return resume_from if (ckpt.checkpoint_step(Path(resume_from)) or 0) > ray_step else registered
+
+
 def restore(w, checkpoint) -> None:
-    """Continue from a Ray Train checkpoint: weights, optimizer, scaler, position, this rank's RNG and
-    temporal state (kept only when the worker count and accumulation match the saved run)."""
-    with checkpoint.as_directory() as d:
-        model_state, saved, _ = ckpt.load(Path(d), map_location=w.device)
+    """Continue from a checkpoint (a Ray Train checkpoint or a folder): weights, optimizer, scaler,
+    position, this rank's RNG and temporal state (kept only when the worker count and accumulation match
+    the saved run)."""
+    if isinstance(checkpoint, (str, Path)):
+        model_state, saved, _ = ckpt.load(Path(checkpoint), map_location=w.device)
+    else:
+        with checkpoint.as_directory() as d:
+            model_state, saved, _ = ckpt.load(Path(d), map_location=w.device)
     w.model.load_state_dict(model_state)
     w.optimizer.load_state_dict(saved["optimizer"])
     if w.scaler is not None and "scaler" in saved:

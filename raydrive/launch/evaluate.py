@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -14,18 +15,28 @@ from raydrive.config import ConfigError, TrainConfig
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its latest checkpoint)."""
+    """A complete checkpoint folder, or a run folder's newest complete checkpoint (broken ones, such as a
+    copy cut short by a full disk, are reported on stderr and skipped)."""
     from raydrive.engine import checkpoint as ckpt
+    from raydrive.launch.resume import newest_complete
 
     path = Path(path)
-    if path.is_dir() and not (path / ckpt.META_FILE).is_file():
-        found = sorted(p for p in path.glob("checkpoint_*") if (p / ckpt.META_FILE).is_file())
-        path = found[-1] if found else path
-    if not (path / ckpt.META_FILE).is_file():
+    if not path.is_dir():
+        raise ConfigError(f"--checkpoint {path}: no such folder; pass a checkpoint_* folder or a run folder")
+    if not (path / ckpt.META_FILE).is_file() and not (path / ckpt.COMPLETE_FILE).is_file():
+        found = newest_complete(path, report=lambda m: print(f"[raydrive] {m}", file=sys.stderr, flush=True))
+        if found is None:
+            raise ConfigError(
+                f"{path} holds no complete raydrive checkpoint; pass a checkpoint_* folder or the run folder "
+                f"<storage-path>/<name> of a run that wrote one"
+            )
+        return found
+    try:
+        ckpt.verify(path)
+    except ckpt.BrokenCheckpoint as e:
         raise ConfigError(
-            f"{path} is not a raydrive checkpoint (no {ckpt.META_FILE}); pass a checkpoint_* folder "
-            f"or the run folder <storage-path>/<name>"
-        )
+            f"--checkpoint {path} is incomplete ({e}); pass its run folder to use its newest complete checkpoint"
+        ) from None
     return path
 
 
@@ -46,11 +57,17 @@ def evaluate_checkpoint(
     model: str | None, checkpoint: str, prepared: str | None = None, dataroot: str | None = None
 ) -> tuple[dict, object]:
     """(metrics, evaluator) of a raydrive checkpoint on the val split."""
+    from raydrive.data.prepare import verify_prepared
     from raydrive.engine.evaluate import evaluate
     from raydrive.engine.loop import build_pipeline, load_model
     from raydrive.launch.cluster import connect_ray
     from raydrive.trainers import get_spec
 
+    if model is not None:
+        try:
+            get_spec(model)
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
     path = find_checkpoint(checkpoint)
     meta = json.loads((path / "meta.json").read_text())
     if model is not None and model != meta["model"]:
@@ -64,6 +81,7 @@ def evaluate_checkpoint(
         cfg.data = dataclasses.replace(
             cfg.data, prepared=prepared or cfg.data.prepared, dataroot=dataroot or cfg.data.dataroot
         )
+    verify_prepared(cfg.data.prepared)
     connect_ray()
     net = load_model(spec, cfg, local_device())
     evaluator = spec.build_evaluator(cfg)

@@ -16,8 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from raydrive.config import ConfigError, TrainConfig, apply_overrides, batching
+from raydrive.config import ConfigError, TrainConfig, apply_overrides, batching, check_ranges
 from raydrive.data.infos import DataError
+from raydrive.errors import RunFailed, failure_line
 
 DONE_FILE = "raydrive_done.json"  # written into a run folder when its stage finished
 
@@ -134,6 +135,7 @@ def resolve_config(args, preset: str | None = None) -> TrainConfig:
         values = {k: v for k, v in values.items() if v is not None}
         setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
     cfg = apply_overrides(cfg, args.overrides)
+    check_ranges(cfg)
     batching(cfg.run)  # a global batch that cannot be split is an error now, not on the workers
     return cfg
 
@@ -159,7 +161,7 @@ def resolve_data(cfg: TrainConfig) -> None:
     """Absolute data paths; the embedded set is synthesised and prepared on first use; the model's
     assets are made if the prepared folder lacks them."""
     from raydrive.data.assets import ensure_assets
-    from raydrive.data.prepare import MANIFEST, PrepareConfig, prepare
+    from raydrive.data.prepare import MANIFEST, PrepareConfig, prepare, verify_prepared
     from raydrive.trainers import get_spec
 
     d = cfg.data
@@ -175,24 +177,37 @@ def resolve_data(cfg: TrainConfig) -> None:
                 raise ConfigError(f"--prepared {prepared} has no {MANIFEST}; run `raydrive prepare` or give --dataroot")
             version = next((v for v in ("v1.0-trainval", "v1.0-mini") if (dataroot / v).is_dir()), "v1.0-mini")
             prepare(PrepareConfig(out=str(prepared), dataroot=str(dataroot), version=version))
+    verify_prepared(prepared)
     ensure_assets(prepared, get_spec(cfg.model_name).assets)
     cfg.data = dataclasses.replace(d, dataroot=str(dataroot) if dataroot else None, prepared=str(prepared))
     check_load_from(cfg)
 
 
 def check_load_from(cfg: TrainConfig) -> None:
-    """`--load-from` exists and loads without running code (or is trusted), before Ray starts."""
-    from raydrive.engine.checkpoint import MODEL_FILE
+    """`--load-from` exists, is complete, loads without running code (or is trusted) and fits the model,
+    before Ray starts."""
+    from raydrive.engine import checkpoint as ckpt
+    from raydrive.launch.checks import check_load_from_fits
     from raydrive.safe_pickle import checkpoint_globals
 
     given = cfg.run.load_from
     if not given or given.startswith("stage:"):
         return
-    path = Path(given) / MODEL_FILE if Path(given).is_dir() else Path(given)
+    folder = Path(given) if Path(given).is_dir() else None
+    path = folder / ckpt.MODEL_FILE if folder else Path(given)
     if not path.is_file():
-        raise ConfigError(f"--load-from {given}: no such checkpoint file")
+        raise ConfigError(f"--load-from {given}: no such checkpoint file; give an upstream .pth or a checkpoint folder")
+    if folder is not None and (folder / ckpt.META_FILE).is_file():
+        try:
+            ckpt.verify(folder)
+        except ckpt.BrokenCheckpoint as e:
+            raise ConfigError(
+                f"--load-from {given}: incomplete checkpoint ({e}); give a complete one (its run folder "
+                f"lists them: raydrive eval picks the newest complete)"
+            ) from None
     if not cfg.run.trust_checkpoint:
         checkpoint_globals(path)
+    check_load_from_fits(cfg, path)
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -226,21 +241,28 @@ def schedule_line(cfg: TrainConfig) -> str:
 
 
 def run(cfg: TrainConfig, env: dict[str, str] | None = None):
-    """One stage through Ray Train's TorchTrainer; returns Ray's Result."""
+    """One stage through Ray Train's TorchTrainer; returns Ray's Result. Raises RunFailed (one line) when
+    the workers fail, RunInterrupted on Ctrl-C, ConfigError when the cluster cannot run it."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from raydrive import accel
     from raydrive.launch import runcard
+    from raydrive.launch.checks import check_resources, check_storage
     from raydrive.launch.cluster import connect_ray
+    from raydrive.launch.resume import prepare_resume
+    from raydrive.launch.trainer import RaydriveTrainer
     from raydrive.trainers import get_spec
 
     spec = get_spec(cfg.model_name)
+    r = cfg.run
+    name = r.name or default_name(cfg.model_name, cfg.preset, r.benchmark)
+    storage = str(storage_root(r.storage_path))
+    check_storage(storage)
     connect_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    r = cfg.run
     plan = accel.plan(
         ray.cluster_resources(),
         accelerator=r.accelerator,
@@ -249,8 +271,7 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
         cpus_per_worker=r.cpus_per_worker,
         env_overrides=env,
     )
-    name = r.name or default_name(cfg.model_name, cfg.preset, r.benchmark)
-    storage = str(storage_root(r.storage_path))
+    check_resources(cfg, plan.resources_per_worker)
     cfg.run = dataclasses.replace(r, name=name, storage_path=storage)
     print(
         f"[raydrive] {cfg.model_name} ({cfg.preset}) on {r.num_workers} {plan.kind} worker(s), backend {plan.backend} "
@@ -261,14 +282,16 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
     print("[raydrive] resolved config:\n" + cfg.to_yaml(), flush=True)
     run_dir = Path(storage) / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = prepare_resume(run_dir)
     (run_dir / "raydrive_config.yaml").write_text(cfg.to_yaml())
     card = runcard.start_card(cfg, spec.config(cfg.preset), _schedule(cfg)[2])
     runcard.write_card(run_dir, card)
     print(f"[raydrive] run card: {run_dir / runcard.RUN_CARD}; TensorBoard: tensorboard --logdir {storage}", flush=True)
 
-    trainer = TorchTrainer(
+    loop_config = {"config": cfg.to_dict(), "accelerator": plan.kind, "precision": plan.precision}
+    trainer = RaydriveTrainer(
         spec.train_loop,
-        train_loop_config={"config": cfg.to_dict(), "accelerator": plan.kind, "precision": plan.precision},
+        train_loop_config={**loop_config, "resume_from": resume_from},
         torch_config=TorchConfig(backend=plan.backend),
         scaling_config=ScalingConfig(
             num_workers=r.num_workers, use_gpu=plan.use_gpu, resources_per_worker=plan.resources_per_worker
@@ -283,11 +306,40 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
     )
     try:
         result = trainer.fit()
-    except BaseException as e:  # Ray Train raises (rather than returns) some failures; Ctrl-C
-        runcard.write_card(run_dir, runcard.end_card(card, "failed", error=f"{type(e).__name__}: {e}"))
-        raise
-    runcard.write_card(run_dir, runcard.end_card(card, status(cfg, result), result, spec.build_evaluator(cfg).headline))
+    except BaseException as e:  # Ray Train raises (rather than returns) failures once retries are used up; Ctrl-C
+        _stopped(cfg, run_dir, card, e, trainer.interrupted)
+    _write_card(run_dir, runcard.end_card(card, status(cfg, result), result, spec.build_evaluator(cfg).headline))
     return result
+
+
+def _write_card(run_dir: Path, card: dict) -> None:
+    """The run card, unless the storage cannot take it (a full disk must not hide the run's own error)."""
+    from raydrive.launch import runcard
+
+    try:
+        runcard.write_card(run_dir, card)
+    except OSError as e:
+        print(f"[raydrive] could not update {run_dir / runcard.RUN_CARD}: {e.strerror or e}", flush=True)
+
+
+def _stopped(cfg: TrainConfig, run_dir: Path, card: dict, error: BaseException, interrupted: bool):
+    """Record how fit() ended in the run card and raise what the driver reports: RunInterrupted after
+    Ctrl-C (saying where it resumes), else RunFailed with the failure's one line."""
+    from raydrive.errors import RunInterrupted
+    from raydrive.launch import runcard
+    from raydrive.launch.resume import newest_complete
+
+    if interrupted or isinstance(error, KeyboardInterrupt):
+        newest = newest_complete(run_dir, report=lambda _: None)
+        where = f"the newest complete checkpoint is {newest}" if newest else "no checkpoint was written yet"
+        _write_card(run_dir, runcard.end_card(card, "paused", error="interrupted (Ctrl-C)"))
+        raise RunInterrupted(
+            f"stopped by Ctrl-C; {where}; run the same command (--name {cfg.run.name} --storage-path "
+            f"{cfg.run.storage_path}) again to resume"
+        ) from None
+    line = failure_line(error)
+    _write_card(run_dir, runcard.end_card(card, "failed", error=line))
+    raise RunFailed(line) from error
 
 
 def status(cfg: TrainConfig, result) -> str:
@@ -369,6 +421,21 @@ def report(cfg: TrainConfig, result) -> None:
         print(f"[raydrive] checkpoint: {result.checkpoint.path}")
 
 
+def _report_last(message: str, code: int) -> int:
+    """Print the driver's final line after Ray's own output has stopped (Ray forwards worker logs from a
+    background thread, which would otherwise print after it)."""
+    import ray
+
+    if ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # shutting down a broken connection must not hide the message
+            pass
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
@@ -376,12 +443,15 @@ def main(argv: list[str] | None = None) -> int:
         env = parse_env(args.env)
         for cfg in cfgs:
             resolve_data(cfg)
+        for cfg, result in run_stages(cfgs, env):
+            report(cfg, result)
+            if result.error:
+                return _report_last(f"raydrive train: error: {failure_line(result.error)}", 1)
     except (ConfigError, DataError, KeyError) as e:
-        print(f"raydrive train: error: {e}", file=sys.stderr)
-        return 2
-    for cfg, result in run_stages(cfgs, env):
-        report(cfg, result)
-        if result.error:
-            print(f"raydrive train: the run failed: {result.error}", file=sys.stderr)
-            return 1
+        return _report_last(f"raydrive train: error: {e.args[0] if isinstance(e, KeyError) else e}", 2)
+    except RunFailed as e:
+        return _report_last(f"raydrive train: error: {e}", 1)
+    except KeyboardInterrupt as e:
+        detail = str(e) or "stopped by Ctrl-C before training started; run the same command again to start"
+        return _report_last(f"raydrive train: interrupted: {detail}", 130)
     return 0
