@@ -6,8 +6,10 @@ The `full` preset is `bev_depth_lss_r50_256x704_128x128_24e_2key`; its state dic
 for key (861 keys, 76,384,590 parameters). The engine drives it through `raydrive.spec.DrivingModel`;
 it keeps no temporal state (the previous key frame comes with each sample).
 
-Mixed precision: image backbone, neck, depth net and lift run under the engine's autocast; voxel
-pooling accumulates in fp32; the BEV trunk, head, detection losses and depth loss run in fp32.
+Mixed precision: image backbone, neck, depth net and lift run under the engine's autocast; the
+frustum geometry runs in fp32 (a deliberate difference: upstream's matmuls there fall to fp16 under
+AMP); voxel pooling accumulates in fp32; the BEV trunk, head, detection losses and depth loss run in
+fp32.
 """
 
 from __future__ import annotations
