@@ -83,6 +83,9 @@ class OptimSection:
     milestones: tuple[float, ...] = ()  # multistep: fractions of the total steps
     gamma: float = 0.1
     loss_scale: float | str = "dynamic"  # fp16 only: a static loss scale (mmcv Fp16OptimizerHook) or "dynamic"
+    # exponential moving average of the weights, used for evaluation and kept in checkpoints
+    # (BEVDepth's `_ema` configs: 0.999); None: off
+    ema_decay: float | None = None
 
 
 @dataclass

@@ -207,12 +207,19 @@ def test_batching_errors_name_the_fix():
 def test_toy_model_trains_and_evaluates_through_the_engine(toy, prepared, synth_root, tmp_path):
     from raydrive.launch.train import report, resolve_stages, run_stages
 
-    cfgs = resolve_stages(toy_args(prepared, synth_root, tmp_path, "solo", "--num-workers", "2"))
-    ((cfg, result),) = run_stages(cfgs)
+    args = toy_args(prepared, synth_root, tmp_path, "solo", "--num-workers", "2", "optim.ema_decay=0.5")
+    ((cfg, result),) = run_stages(resolve_stages(args))
     assert result.error is None, result.error
     m = result.metrics
     assert m["finished"] and m["eval_metrics"]["frames"] == 6  # every val frame scored once, over 2 ranks
     assert 0 <= m["MAE"] < 100
+    # the weight average (evaluated in place of the weights) is kept in the checkpoint: counter from
+    # the schedule's length (3 steps) plus one update per step
+    from raydrive.engine import checkpoint as ckpt
+
+    model_state, saved, _ = ckpt.load(Path(result.checkpoint.path))
+    assert saved["ema"]["updates"] == 3 + 3
+    assert set(saved["ema"]["shadow"]) <= set(model_state)
     hist = histories([(cfg, result)])
     assert sorted(hist) == [1, 2, 3] and all(len(h["tokens"]) == 2 for h in hist.values())
     report(cfg, result)

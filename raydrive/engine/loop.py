@@ -32,6 +32,7 @@ from raydrive.data.assets import asset_paths
 from raydrive.data.lanes import LaneConfig
 from raydrive.data.pipeline import FramePipeline, PipelineConfig
 from raydrive.engine import checkpoint as ckpt
+from raydrive.engine.ema import ModelEMA
 from raydrive.engine.evaluate import evaluate
 from raydrive.engine.metrics import LiveMetrics
 from raydrive.engine.optim import build_optimizer, build_scaler, clip_and_step, set_lr
@@ -119,6 +120,8 @@ class Worker:
         self.steps_per_epoch = self.pipeline.steps_per_epoch()
         r = cfg.run
         self.total = r.benchmark_steps if r.benchmark else (r.max_steps or r.epochs * self.steps_per_epoch)
+        # upstream starts the EMA's update counter at the schedule's length (bevdepth/callbacks/ema.py)
+        self.ema = ModelEMA(self.model, cfg.optim.ema_decay, start_updates=self.total) if cfg.optim.ema_decay else None
         self.state = TrainState()
 
     def autocast(self):
@@ -159,6 +162,8 @@ class Worker:
         if states is not None:
             self.state.lane_states = states
         grad_norm = clip_and_step(self.model, self.optimizer, self.scaler, self.cfg.optim)
+        if self.ema is not None:
+            self.ema.update(self.model)
         return totals, grad_norm
 
     def _global_terms(self, losses: dict[str, torch.Tensor], loss: torch.Tensor) -> dict[str, float]:
@@ -182,7 +187,8 @@ class Worker:
     def evaluate(self) -> dict:
         evaluator = self.spec.build_evaluator(self.cfg)
         pipeline = build_pipeline(self.spec, self.cfg, "val", False, self.world)
-        return evaluate(self.model, evaluator, pipeline, self.rank, self.world, self.autocast)
+        with self.ema.swapped_into(self.model) if self.ema is not None else contextlib.nullcontext():
+            return evaluate(self.model, evaluator, pipeline, self.rank, self.world, self.autocast)
 
 
 def _micro_batches(stream, accum: int, timer: StepTimer):

@@ -76,6 +76,8 @@ def checkpoint_and_report(w, metrics: dict) -> None:
     }
     if w.scaler is not None:
         train_state["scaler"] = w.scaler.state_dict()
+    if getattr(w, "ema", None) is not None:
+        train_state["ema"] = w.ema.state_dict()
     meta = {"model": w.cfg.model_name, "preset": w.cfg.preset, "step": s.step, "epoch": epoch}
     meta["config"] = w.cfg.to_dict()
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,6 +111,8 @@ def restore(w, checkpoint) -> None:
     w.optimizer.load_state_dict(saved["optimizer"])
     if w.scaler is not None and "scaler" in saved:
         w.scaler.load_state_dict(saved["scaler"])
+    if getattr(w, "ema", None) is not None and "ema" in saved:
+        w.ema.load_state_dict(saved["ema"])
     s = w.state
     s.step, s.epoch, s.in_epoch = int(saved["step"]), int(saved["epoch"]), int(saved["in_epoch"])
     s.resumed_from = s.step

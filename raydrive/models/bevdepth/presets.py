@@ -35,6 +35,15 @@ def full() -> TrainConfig:
     )
 
 
+def full_ema() -> TrainConfig:
+    """`bev_depth_lss_r50_256x704_128x128_24e_2key_ema`: the same with an EMA of the weights (decay
+    0.999), which evaluation uses."""
+    cfg = full()
+    cfg.preset = "full_ema"
+    cfg.optim.ema_decay = 0.999
+    return cfg
+
+
 def small() -> TrainConfig:
     """The embedded default: a narrow ResNet-18, 128x352 input, 28 depth bins and a 64 x 64 BEV grid
     of 1.6 m cells; learns on the synthetic set within 10 minutes on 2 CPU cores."""
@@ -68,4 +77,4 @@ def small() -> TrainConfig:
     )
 
 
-PRESETS = {"full": full, "small": small}
+PRESETS = {"full": full, "full_ema": full_ema, "small": small}
