@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +215,9 @@ def train_loop(spec: ModelSpec, config: dict) -> None:
 
     cfg = TrainConfig.from_dict(config["config"], spec.config_cls, spec.mapper_cls)
     ctx = ray.train.get_context()
+    # a layout hint from DDP's reducer when a CPU convolution returns a channels-last weight gradient
+    # (1x1 strided convs): nothing a user can act on, and the gradient is correct
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     try:
         _train(spec, cfg, config, ctx)
     except Exception as e:
