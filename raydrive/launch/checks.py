@@ -119,20 +119,26 @@ def check_load_from_fits(cfg: TrainConfig, path: Path) -> None:
 
 
 def check_storage(storage: str) -> None:
-    """The storage path accepts a file (object storage is checked by Ray itself)."""
+    """The storage path can take a file: a probe file is written (and removed) in it or, while it does
+    not exist yet, in its nearest existing parent, so that nothing is created before the run starts.
+    Object storage is checked by Ray itself."""
     if "://" in storage:
         return
     root = Path(storage)
-    probe = root / f".raydrive-write-test-{uuid.uuid4().hex[:8]}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
+    existing = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
+    problem = None if existing.is_dir() else f"{existing} is a file"
+    if problem is None:
+        probe = existing / f".raydrive-write-test-{uuid.uuid4().hex[:8]}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            problem = e.strerror or str(e)
+    if problem:
         raise ConfigError(
-            f"--storage-path {storage} is not writable ({e.strerror or e}); fix its permissions or free space, "
-            f"or pass another --storage-path"
-        ) from None
+            f"--storage-path {storage} is not writable ({problem}); fix its permissions or free space, or pass "
+            f"another --storage-path"
+        )
 
 
 # ---- resources -----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 from raydrive.config import ConfigError
 
 PROBE_TIMEOUT_S = 3.0  # a cluster that does not accept a connection by then is reported, not waited for
+_OWNED = {"ray": False}  # whether connect_ray connected this process (then its driver may shut Ray down)
 
 
 def local_cluster_address() -> str | None:
@@ -72,6 +73,18 @@ def cluster_address() -> str | None:
     return local_cluster_address()
 
 
+def disconnect_ray() -> None:
+    """Shut down the Ray connection that `connect_ray` made (not one its caller made before)."""
+    import ray
+
+    if _OWNED["ray"] and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # a broken connection must not hide the caller's message
+            pass
+    _OWNED["ray"] = False
+
+
 def local_cpus() -> int:
     """Logical CPUs of a local Ray: more than cores, since on a small machine workers holding whole
     CPUs would starve Ray Data's tasks."""
@@ -87,6 +100,7 @@ def connect_ray() -> None:
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = cluster_address()
+    _OWNED["ray"] = True
     if address:
         ray.init(address=address, log_to_driver=True)
         print(f"[raydrive] connected to the Ray cluster at {address}", flush=True)

@@ -424,13 +424,9 @@ def report(cfg: TrainConfig, result) -> None:
 def _report_last(message: str, code: int) -> int:
     """Print the driver's final line after Ray's own output has stopped (Ray forwards worker logs from a
     background thread, which would otherwise print after it)."""
-    import ray
+    from raydrive.launch.cluster import disconnect_ray
 
-    if ray.is_initialized():
-        try:
-            ray.shutdown()
-        except Exception:  # shutting down a broken connection must not hide the message
-            pass
+    disconnect_ray()
     sys.stdout.flush()
     print(message, file=sys.stderr, flush=True)
     return code
