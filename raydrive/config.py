@@ -50,6 +50,8 @@ class RunSection:
     trust_checkpoint: bool = False  # let load_from unpickle objects beyond tensors and numpy (can run code)
     # start even when the cluster cannot host the workers yet (an autoscaling cluster adds nodes on demand)
     wait_for_resources: bool = False
+    # how Ray places the workers: PACK (fewest nodes) or SPREAD (one node's loss takes fewer workers)
+    placement_strategy: str = "PACK"
 
 
 @dataclass
@@ -286,6 +288,7 @@ CHOICES = {
     "run.backend": (None, "hccl", "nccl", "gloo"),
     "run.precision": ("auto", "fp32", "fp16", "bf16"),
     "optim.schedule": ("cosine", "multistep"),
+    "run.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 # key -> (lowest allowed, whether None is allowed); None means "unset" for optional keys
 MINIMUMS = {
