@@ -390,7 +390,17 @@ def _stage_checkpoint(cfgs: list[TrainConfig], storage: Path, stage: str) -> str
             f"run.load_from=stage:{stage}: stage {stage} has not finished in this run; run the staged preset, "
             f"or give --load-from CHECKPOINT"
         )
-    return json.loads(done.read_text())["checkpoint"]
+    path = json.loads(done.read_text())["checkpoint"]
+    from raydrive.engine import checkpoint as ckpt
+
+    try:
+        ckpt.verify(Path(path))
+    except ckpt.BrokenCheckpoint as e:
+        raise ConfigError(
+            f"run.load_from=stage:{stage}: its final checkpoint {path} is incomplete ({e}); delete {done} to "
+            f"train stage {stage} again"
+        ) from None
+    return path
 
 
 def report(cfg: TrainConfig, result) -> None:
