@@ -1,4 +1,4 @@
-"""`raydrive synth | prepare | train | eval | doctor | runs`: one console script."""
+"""`raydrive synth | prepare | train | eval | viz | doctor | runs`: one console script."""
 
 from __future__ import annotations
 
@@ -110,6 +110,16 @@ def _eval(args) -> int:
     print(table)
     if args.output_dir:
         (Path(args.output_dir) / "raydrive_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _viz(args) -> int:
+    from raydrive.viz.checkpoint import viz_checkpoint
+    from raydrive.viz.render import Options
+
+    a = args
+    opts = Options(score_thresh=a.score_thresh)
+    viz_checkpoint(a.model, a.checkpoint, a.out, a.scene, a.frames, a.gif, a.split, a.prepared, a.dataroot, opts)
     return 0
 
 
@@ -227,6 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-set", help="devkit split (default: the version's val split)")
     s.add_argument("--output-dir")
     s.set_defaults(func=_eval)
+
+    s = sub.add_parser(
+        "viz",
+        help="draw a checkpoint's predictions: BEV views, camera images with boxes, a scene as a GIF",
+        description="Pictures of a checkpoint's predictions on val frames, as training draws them after each "
+        "evaluation: per frame a BEV view (<scene>_<frame>_bev.png) and the six cameras with projected boxes "
+        "(<scene>_<frame>_cams.png); the run's training curves (curves.png) when its folder holds TensorBoard "
+        "files. Default: the middle frame of the first three val scenes; --scene: that scene's frames in order "
+        "and an animated GIF.",
+    )
+    s.add_argument("model", nargs="?", help="the checkpoint's model (e.g. sparse4d); checked against it")
+    s.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    s.add_argument("--scene", help="draw this scene's frames in order (name, e.g. scene-0103, or token) and a GIF")
+    s.add_argument("--out", help="output folder (default: <run folder>/pictures/viz_step_<N>)")
+    s.add_argument("--frames", type=int, help="how many fixed frames (default 3); with --scene: its first N")
+    s.add_argument("--gif", action="store_true", help="also write a GIF of the frames drawn (always with --scene)")
+    s.add_argument("--score-thresh", type=float, default=0.3, help="draw predictions scoring at least this")
+    s.add_argument("--split", default="val", help="the prepared split to draw from (default: val)")
+    s.add_argument("--prepared", help="prepared data (default: the run's)")
+    s.add_argument("--dataroot", help="nuScenes tree with the images (default: the run's)")
+    s.set_defaults(func=_viz)
     return p
 
 

@@ -111,6 +111,11 @@ class Evaluator(Protocol):
     def format(self, metrics: dict[str, Any]) -> str:
         """A table for the console."""
 
+    # Optional: `pictures(states: list[Any], out_dir: Path, tag: str) -> list[Path]`, called on rank 0
+    # after `evaluate` with the same states when the run folder is known (`raydrive/engine/evaluate.py`):
+    # draw the split's fixed frames into out_dir (`<run folder>/pictures/step_<N>`) and return the files.
+    # NuScenesDetectionEvaluator draws BEV views and camera grids with `raydrive/viz/`.
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The spec.

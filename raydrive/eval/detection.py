@@ -216,3 +216,15 @@ class NuScenesDetectionEvaluator:
 
     def format(self, metrics: dict) -> str:
         return format_table(metrics)
+
+    def pictures(self, states: list[dict[str, dict]], out_dir: Path, tag: str) -> list[Path]:
+        """Rank 0, after `evaluate`: the BEV view and the camera grid of the split's fixed frames (the
+        middle frame of its first three scenes; `raydrive/viz/`) into `out_dir`."""
+        from raydrive.data.parquet import read_split, table_to_records
+        from raydrive.data.prepare import load_manifest
+        from raydrive.viz.render import pick_frames, write_pictures
+
+        predictions = {k: v for part in states for k, v in part.items()}
+        records = pick_frames(table_to_records(read_split(Path(self.prepared) / "infos" / self.split)))
+        dataroot = self.dataroot or load_manifest(self.prepared)["dataroot"]
+        return write_pictures(records, predictions, self.frame, dataroot, Path(out_dir), tag)

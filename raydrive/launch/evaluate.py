@@ -53,14 +53,16 @@ def local_device() -> torch.device:
     return torch.device("cuda:0" if kind == "cuda" else "cpu")
 
 
-def evaluate_checkpoint(
-    model: str | None, checkpoint: str, prepared: str | None = None, dataroot: str | None = None
-) -> tuple[dict, object]:
-    """(metrics, evaluator) of a raydrive checkpoint on the val split."""
+def checkpoint_config(
+    model: str | None,
+    checkpoint: str,
+    prepared: str | None = None,
+    dataroot: str | None = None,
+    command: str = "eval",
+) -> tuple[object, TrainConfig]:
+    """(spec, config) of a checkpoint (or a run folder's newest), its run.load_from set to it and its data
+    paths overridden where given; the model name, if given, must be the checkpoint's."""
     from raydrive.data.prepare import verify_prepared
-    from raydrive.engine.evaluate import evaluate
-    from raydrive.engine.loop import build_pipeline, load_model
-    from raydrive.launch.cluster import connect_ray
     from raydrive.trainers import get_spec
 
     if model is not None:
@@ -72,7 +74,7 @@ def evaluate_checkpoint(
     meta = json.loads((path / "meta.json").read_text())
     if model is not None and model != meta["model"]:
         raise ConfigError(
-            f"{path} is a {meta['model']} checkpoint, not {model}: run `raydrive eval {meta['model']} ...`"
+            f"{path} is a {meta['model']} checkpoint, not {model}: run `raydrive {command} {meta['model']} ...`"
         )
     spec = get_spec(meta["model"])
     cfg = TrainConfig.from_dict(meta["config"], spec.config_cls, spec.mapper_cls)
@@ -82,6 +84,18 @@ def evaluate_checkpoint(
             cfg.data, prepared=prepared or cfg.data.prepared, dataroot=dataroot or cfg.data.dataroot
         )
     verify_prepared(cfg.data.prepared)
+    return spec, cfg
+
+
+def evaluate_checkpoint(
+    model: str | None, checkpoint: str, prepared: str | None = None, dataroot: str | None = None
+) -> tuple[dict, object]:
+    """(metrics, evaluator) of a raydrive checkpoint on the val split."""
+    from raydrive.engine.evaluate import evaluate
+    from raydrive.engine.loop import build_pipeline, load_model
+    from raydrive.launch.cluster import connect_ray
+
+    spec, cfg = checkpoint_config(model, checkpoint, prepared, dataroot)
     connect_ray()
     net = load_model(spec, cfg, local_device())
     evaluator = spec.build_evaluator(cfg)

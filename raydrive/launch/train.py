@@ -312,6 +312,9 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
     except BaseException as e:  # Ray Train raises (rather than returns) failures once retries are used up; Ctrl-C
         _stopped(cfg, run_dir, card, e, trainer.interrupted)
     _write_card(run_dir, runcard.end_card(card, status(cfg, result), result, spec.build_evaluator(cfg).headline))
+    from raydrive.viz.curves import pictures_after_training  # curves.png; says where the pictures are
+
+    pictures_after_training(run_dir)
     return result
 
 
