@@ -445,3 +445,16 @@ def test_the_engine_imports_no_drawing():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_weak_predictions_are_drawn_faint_up_to_a_minimum():
+    from raydrive.viz.frames import Boxes
+
+    n = 6
+    boxes = Boxes(np.zeros((n, 3)), np.ones((n, 3)), np.zeros(n), np.zeros((n, 2)), np.zeros(n, np.int64))
+    boxes.score = np.array([0.05, 0.9, 0.2, 0.4, 0.01, 0.3])
+    drawn, faint = boxes.pick(0.3, limit=100, at_least=4)
+    assert drawn.tolist() == [1, 3, 5] and faint.tolist() == [2]
+    drawn, faint = boxes.pick(0.3, limit=2, at_least=4)  # the limit holds for both
+    assert drawn.tolist() == [1, 3] and faint.tolist() == []
+    assert [x.tolist() for x in boxes.pick(0.95, limit=100, at_least=0)] == [[], []]

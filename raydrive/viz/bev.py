@@ -8,7 +8,9 @@ holds the title and the legend, so that they hide nothing.
 
 Ground truth: class-coloured boxes filled at `GT_ALPHA`, with a heading tick (centre -> front) and a
 velocity arrow (where the box is one second later). Predictions: dashed class-coloured outlines with
-the same tick and arrow, the `score_labels` best with their score. Everything else a model predicts
+the same tick and arrow, the `score_labels` best with their score; when fewer than `min_shown` reach
+`score_thresh`, the next best up to `min_shown` are drawn faint (dotted), so that a weak model's best
+guesses still show. Everything else a model predicts
 is drawn by layers keyed by the name of a prediction dict's entry (`BEV_LAYERS`): `instance_ids`
 (track ids, and trails over the frames rendered so far), `map_polylines` (with `map_labels`,
 `map_scores`), `trajectories` (per box: (T, 2) or (M, T, 2), with `trajectory_scores`) and
@@ -59,6 +61,7 @@ class BevContext:
     shown: np.ndarray
     to_ego: Callable[[np.ndarray], np.ndarray]
     tracks: dict[int, np.ndarray] = field(default_factory=dict)
+    labels: int = 10  # how many of `shown` (the best) carry text
     legend: list = field(default_factory=list)  # (handle, label) pairs a layer adds to the legend
 
     uv = staticmethod(_uv)
@@ -90,6 +93,7 @@ def render_bev(
     size: int = 800,
     score_thresh: float = 0.3,
     max_pred: int = 100,
+    min_shown: int = 10,
     score_labels: int = 10,
 ):
     """The BEV picture as a PIL RGB image (see the module doc for the layout). `pred_dict` (the model's
@@ -97,6 +101,7 @@ def render_bev(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     from PIL import Image
 
     width = size + STRIP
@@ -111,7 +116,8 @@ def render_bev(
     _grid(ax, range_m)
     _ego(ax)
 
-    shown = pred.best(score_thresh, max_pred)
+    strong, faint = pred.pick(score_thresh, max_pred, min_shown)
+    shown = np.concatenate([strong, faint])
     m = np.eye(4) if box_to_ego is None else box_to_ego
 
     def to_ego(points):
@@ -119,12 +125,13 @@ def render_bev(
         p3 = np.concatenate([p[..., :2], p[..., 2:3] if p.shape[-1] > 2 else np.zeros_like(p[..., :1])], axis=-1)
         return (p3 @ m[:3, :3].T + m[:3, 3])[..., :2]
 
-    ctx = BevContext(ax, pred_dict or {}, pred, shown, to_ego, tracks or {})
+    ctx = BevContext(ax, pred_dict or {}, pred, shown, to_ego, tracks or {}, score_labels)
     for key, layer in BEV_LAYERS.items():
         if key in ctx.pred and key not in LAYERS_OVER_BOXES:
             layer(ctx, ctx.pred[key])
     _boxes(ax, gt, filled=True)
-    _boxes(ax, pred.take(shown), filled=False)
+    _boxes(ax, pred.take(faint), filled=False, faint=True)
+    _boxes(ax, pred.take(strong), filled=False)
     _scores(ax, pred.take(shown[:score_labels]))
     for key in LAYERS_OVER_BOXES:
         if key in ctx.pred and key in BEV_LAYERS:
@@ -133,6 +140,10 @@ def render_bev(
     fig.add_artist(Line2D([size / width] * 2, [0, 1], color="#cccccc", linewidth=1.0))
     if title:
         fig.text(left, 1 - 10 / size, title, va="top", ha="left", fontsize=9, linespacing=1.5)
+    if len(faint):
+        ctx.legend.append(
+            (Patch(facecolor="none", edgecolor="#999999", linestyle=":", linewidth=1.2), "under the score")
+        )
     _legend(fig, gt, pred.take(shown), ctx.legend, (left, 1 - 130 / size))
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())
@@ -165,7 +176,7 @@ def _ego(ax) -> None:
     )
 
 
-def _boxes(ax, boxes: Boxes, filled: bool) -> None:
+def _boxes(ax, boxes: Boxes, filled: bool, faint: bool = False) -> None:
     from matplotlib.collections import LineCollection, PolyCollection
 
     if not len(boxes):
@@ -178,12 +189,14 @@ def _boxes(ax, boxes: Boxes, filled: bool) -> None:
         ax.add_collection(faces)
         edges = PolyCollection(polys, facecolors="none", edgecolors=colors, linewidths=1.0, zorder=3)
     else:
-        edges = PolyCollection(polys, facecolors="none", edgecolors=colors, linewidths=1.8, linestyles="--", zorder=4)
+        style = dict(linewidths=1.2, linestyles=":", alpha=0.6) if faint else dict(linewidths=1.8, linestyles="--")
+        edges = PolyCollection(polys, facecolors="none", edgecolors=colors, zorder=4, **style)
     ax.add_collection(edges)
     center = boxes.center[:, :2]
     front = corners[:, [0, 3]].mean(axis=1)  # corners 0 and 3: the front face's bottom corners
     ticks = np.stack([_uv(center), _uv(front)], axis=1)
-    ax.add_collection(LineCollection(ticks, colors=colors, linewidths=1.0 if filled else 1.8, zorder=4))
+    width = 1.0 if filled or faint else 1.8
+    ax.add_collection(LineCollection(ticks, colors=colors, linewidths=width, alpha=0.6 if faint else 1.0, zorder=4))
     moving = np.linalg.norm(boxes.velocity, axis=1) > 0.2
     if moving.any():
         start = _uv(center[moving])
@@ -277,7 +290,7 @@ def track_layer(ctx: BevContext, value) -> None:
     """Track ids of the drawn predictions, and each id's trail through the frames rendered before
     (`tracks`: ego-frame centres, oldest first)."""
     ids = np.asarray(value).reshape(-1)
-    for i in ctx.shown:
+    for rank, i in enumerate(ctx.shown):
         tid = int(ids[i])
         if tid < 0:
             continue
@@ -286,8 +299,9 @@ def track_layer(ctx: BevContext, value) -> None:
         if trail is not None and len(trail):
             pts = _uv(np.concatenate([trail[:, :2], ctx.boxes.center[i : i + 1, :2]]))
             ctx.ax.plot(pts[:, 0], pts[:, 1], color=color, linewidth=1.0, alpha=0.7, marker=".", markersize=2, zorder=3)
-        u, v = _uv(ctx.boxes.center[i, :2])
-        ctx.ax.text(u - 1.2, v - 3.0, f"#{tid}", fontsize=6, color=color, ha="right", zorder=6)
+        if rank < ctx.labels:
+            u, v = _uv(ctx.boxes.center[i, :2])
+            ctx.ax.text(u - 1.2, v - 3.0, f"#{tid}", fontsize=6, color=color, ha="right", zorder=6)
 
 
 @bev_layer("trajectories")

@@ -6,7 +6,8 @@ devkit renders them. Edges are clipped at a near plane in front of the camera, s
 partly behind it still shows its visible part. The grid: FRONT_LEFT, FRONT, FRONT_RIGHT on top,
 BACK_LEFT, BACK, BACK_RIGHT below, each image scaled to `cell_width`, with a header line.
 
-Ground truth: thin class-coloured wireframes. Predictions: thick wireframes with a cross on the front face.
+Ground truth: thin class-coloured wireframes. Predictions: thick wireframes with a cross on the front face
+(thin with the cross: the faint ones under the score threshold, see `bev.py`).
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ def _load(path: Path, size: tuple[int, int]):
         return img
 
 
-def render_camera(rec: dict, cam_name: str, dataroot: str | Path, gt: Boxes, pred: Boxes, cell_width: int = 480):
-    """One camera image at `cell_width` with the boxes drawn on it (PIL RGB)."""
+def render_camera(
+    rec: dict, cam_name: str, dataroot: str | Path, gt: Boxes, pred: Boxes, cell_width: int = 480, faint=None
+):
+    """One camera image at `cell_width` with the boxes drawn on it (PIL RGB); `faint` predictions thin."""
     from PIL import ImageDraw
 
     cam = rec["cams"][cam_name]
@@ -113,7 +116,7 @@ def render_camera(rec: dict, cam_name: str, dataroot: str | Path, gt: Boxes, pre
     draw = ImageDraw.Draw(img)
     m = camera_from_ego(rec, cam)
     k = np.asarray(cam["cam_intrinsic"], dtype=np.float64)
-    for boxes, width, cross in ((gt, 1, False), (pred, 3, True)):
+    for boxes, width, cross in ((gt, 1, False), (faint or Boxes.empty(True), 1, True), (pred, 3, True)):
         for corners, label in zip(boxes.corners(), boxes.label):
             c = geo.apply(m, corners)
             if (c[:, 2] < NEAR).all():
@@ -131,17 +134,19 @@ def render_camera(rec: dict, cam_name: str, dataroot: str | Path, gt: Boxes, pre
     return img
 
 
-def render_cameras(rec: dict, dataroot: str | Path, gt: Boxes, pred: Boxes, cell_width: int = 480, title: str = ""):
+def render_cameras(
+    rec: dict, dataroot: str | Path, gt: Boxes, pred: Boxes, cell_width: int = 480, title: str = "", faint=None
+):
     """The 2 x 3 grid (see CAMERA_GRID) under a header line, as a PIL RGB image."""
     from PIL import Image, ImageDraw
 
-    cells = [[render_camera(rec, name, dataroot, gt, pred, cell_width) for name in row] for row in CAMERA_GRID]
+    cells = [[render_camera(rec, n, dataroot, gt, pred, cell_width, faint) for n in row] for row in CAMERA_GRID]
     cell_h = max(c.height for row in cells for c in row)
     grid = Image.new("RGB", (cell_width * 3, HEADER + cell_h * 2), (255, 255, 255))
     for r, row in enumerate(cells):
         for c, cell in enumerate(row):
             grid.paste(cell, (c * cell_width, HEADER + r * cell_h))
-    text = (title + "    " if title else "") + "thin: ground truth    thick, X on the front face: prediction"
+    text = (title + "    " if title else "") + "thin: ground truth    X on the front face: prediction"
     ImageDraw.Draw(grid).text((6, 4), text, fill=(0, 0, 0), font=font(14))
     return grid
 

@@ -38,12 +38,14 @@ class Boxes:
         score = None if self.score is None else self.score[idx]
         return Boxes(self.center[idx], self.lwh[idx], self.yaw[idx], self.velocity[idx], self.label[idx], score)
 
-    def best(self, score_thresh: float, limit: int) -> np.ndarray:
-        """Indices of the boxes with a score of at least `score_thresh`, best first, at most `limit`."""
-        if not len(self) or self.score is None:
-            return np.arange(len(self))[:limit]
+    def pick(self, score_thresh: float, limit: int, at_least: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(drawn, faint) indices, best first: the boxes scoring at least `score_thresh` (at most `limit`),
+        and when fewer than `at_least` pass, the next best up to `at_least` (a weak model's best guesses)."""
+        if self.score is None:
+            return np.arange(min(len(self), limit)), np.zeros(0, dtype=np.int64)
         order = np.argsort(-self.score, kind="stable")
-        return order[self.score[order] >= score_thresh][:limit]
+        n = min(int((self.score >= score_thresh).sum()), limit)
+        return order[:n], order[n : max(n, min(at_least, limit))]
 
     def corners(self) -> np.ndarray:
         """(N, 8, 3): 4 bottom then 4 top corners, counter-clockwise from the front left (`geo.box_corners`);

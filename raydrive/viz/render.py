@@ -22,6 +22,7 @@ from raydrive.viz.frames import Boxes, box_frame_to_ego, ego_pose, gt_boxes, pre
 class Options:
     score_thresh: float = 0.3  # predictions drawn: score at least this ...
     max_pred: int = 100  # ... and at most this many, best first
+    min_shown: int = 10  # fewer reach score_thresh: the next best up to this many are drawn faint
     score_labels: int = 10  # the best this many carry their score in the BEV view
     range_m: float = 55.0  # BEV: metres from the ego to each edge
     bev_size: int = 800  # BEV: pixels per side
@@ -131,10 +132,12 @@ def render_frame(
     m = box_frame_to_ego(rec, frame)
     gt = gt_boxes(rec)
     boxes = pred_boxes(pred, m) if "boxes" in pred else Boxes.empty(with_score=True)
-    keep = boxes.best(opts.score_thresh, opts.max_pred)
+    keep, faint = boxes.pick(opts.score_thresh, opts.max_pred, opts.min_shown)
     top = f" (best {boxes.score.max():.2f})" if len(boxes) else ""
     lines = [f"{rec['scene_name']} frame {frame_index(rec)}", tag, f"ground truth: {len(gt)} boxes"]
     lines += [f"predictions: {len(keep)} of {len(boxes)}", f"  with score >= {opts.score_thresh:g}{top}"]
+    if len(faint):
+        lines.append(f"  and the next best {len(faint)}, faint")
     title = "\n".join(line for line in lines if line)
     trails = tracks.trails(rec) if tracks is not None else {}
     bev = render_bev(
@@ -148,12 +151,13 @@ def render_frame(
         size=opts.bev_size,
         score_thresh=opts.score_thresh,
         max_pred=opts.max_pred,
+        min_shown=opts.min_shown,
         score_labels=opts.score_labels,
     )
     if tracks is not None and "instance_ids" in pred:
-        tracks.add(rec, boxes, pred["instance_ids"], keep)
+        tracks.add(rec, boxes, pred["instance_ids"], np.concatenate([keep, faint]))
     cam_title = "   ".join(line.strip() for line in lines if line)
-    cams = render_cameras(rec, dataroot, gt, boxes.take(keep), opts.cell_width, cam_title)
+    cams = render_cameras(rec, dataroot, gt, boxes.take(keep), opts.cell_width, cam_title, boxes.take(faint))
     return FramePictures(rec, bev, cams)
 
 
