@@ -188,8 +188,12 @@ class Worker:
     def evaluate(self) -> dict:
         evaluator = self.spec.build_evaluator(self.cfg)
         pipeline = build_pipeline(self.spec, self.cfg, "val", False, self.world)
+        storage = self.cfg.run.storage_path
+        run_dir = Path(storage) / self.cfg.run.name if storage and "://" not in storage and self.cfg.run.name else None
         with self.ema.swapped_into(self.model) if self.ema is not None else contextlib.nullcontext():
-            return evaluate(self.model, evaluator, pipeline, self.rank, self.world, self.autocast)
+            return evaluate(
+                self.model, evaluator, pipeline, self.rank, self.world, self.autocast, run_dir, self.state.step
+            )
 
 
 def _micro_batches(stream, accum: int, timer: StepTimer):
