@@ -40,15 +40,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 ENV_NOTE = """\
 Upstream environment used by this script (outside the repository; nothing of it is committed):
-  python3.11 -m venv /work/venvs/upstream && . /work/venvs/upstream/bin/activate
-  pip install torch==2.13.0 (the CPU wheel, installed FIRST so nothing pulls a CUDA torch)
+  python -m venv /work/venvs/upstream; pip = /work/venvs/upstream/bin/pip
+  pip install torch==2.13.0          (the CPU wheel, FIRST, so nothing pulls a CUDA torch)
   pip install "setuptools<81" wheel ninja "numpy<2" addict pyyaml yapf pillow opencv-python
-  MMCV_WITH_OPS=1 MAX_JOBS=2 pip install --no-build-isolation mmcv-full==1.7.2     (~12 min on 2 cores)
+  MMCV_WITH_OPS=1 MAX_JOBS=2 pip install --no-build-isolation mmcv-full==1.7.2   (12-46 min on 2 cores)
+  pip install numba pycocotools terminaltables matplotlib scipy six shapely scikit-image plyfile trimesh \\
+      nuscenes-devkit==1.2.0 pyquaternion "pyarrow<26" lyft-dataset-sdk==0.0.8 tensorboard \\
+      mmsegmentation==0.30.0 "numpy<2"                     (check the plan: no torch, no nvidia-*)
   pip install --no-deps torchvision==0.28.0 mmdet==2.28.2 mmdet3d==1.0.0rc4   (rc4: BEVDepth's pin)
-  pip install numba pycocotools terminaltables matplotlib scipy six shapely scikit-image plyfile \\
-      "trimesh" "networkx" nuscenes-devkit==1.2.0 pyquaternion "pyarrow<26"  (no torch, no nvidia-*)
-  pip install --no-deps -e <raydrive checkout>   (or run from the checkout: the script puts it on sys.path)
-  git clone <BEVDepth mirror> /work/upstream/BEVDepth  (its CUDA ops are NOT built)
+  git clone <BEVDepth repository> /work/upstream/BEVDepth    (its CUDA ops are NOT built)
+raydrive is imported from the checkout this script sits in.
 At run time: torchvision's CUDA-only registrations are stubbed (a CPU `torchvision::nms`), mmcv reports
 1.7.0 to pass mmdet3d's `mmcv<=1.7.0` assert, pytorch_lightning is a stand-in module, and upstream's
 voxel-pooling CUDA extensions are Python functions that do what their kernels do.

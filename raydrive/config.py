@@ -308,9 +308,10 @@ MINIMUMS = {
     "data.max_tasks": (1, False),
     "data.prefetch_batches": (0, False),
     "optim.warmup_iters": (0, False),
+    "optim.lr": (0, False),  # 0 freezes the weights (a check run)
     "optim.weight_decay": (0, False),
 }
-POSITIVE = ("run.cpus_per_worker", "data.cpus_per_task", "optim.lr", "optim.grad_clip", "optim.gamma")
+POSITIVE = ("run.cpus_per_worker", "data.cpus_per_task", "optim.grad_clip", "optim.gamma")
 FRACTIONS = ("optim.min_lr_ratio",)  # [0, 1]; fields named *_prob too, in every section
 
 
@@ -380,8 +381,6 @@ def _cross_problems(cfg: TrainConfig) -> list[str]:
             f"run.benchmark_warmup={r.benchmark_warmup} leaves none of run.benchmark_steps={r.benchmark_steps} to "
             f"time; set run.benchmark_warmup below run.benchmark_steps"
         )
-    if r.stop_at_step and r.max_steps and r.stop_at_step > r.max_steps:
-        out.append(f"run.stop_at_step={r.stop_at_step} is after --max-steps {r.max_steps}; set it below that")
     ms = list(o.milestones)
     if ms and (any(not 0 < m < 1 for m in ms) or ms != sorted(ms)):
         out.append(f"optim.milestones={tuple(ms)}: fractions of the run in (0, 1), increasing; e.g. (0.7,0.9)")
