@@ -235,7 +235,7 @@ def test_ray_job_submit_runs_on_the_cluster_it_was_submitted_to(prepared, synth_
                 "--max-steps 2",
                 "--no-eval",
                 "run.checkpoint_every=2",
-                *TINY,
+                *TINY["sparse4d"],
             ]
         )
         job = client.submit_job(entrypoint=entry, runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})
