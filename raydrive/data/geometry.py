@@ -64,6 +64,14 @@ def transform(rotation, translation) -> np.ndarray:
     return m
 
 
+def mean_pose(rotations, translations) -> np.ndarray:
+    """4x4 from the element-wise mean of quaternions (normalised, as pyquaternion does when it rotates)
+    and of translations: BEVDepth's ego frame is the mean of the six cameras' ego poses."""
+    q = np.mean(np.asarray(rotations, dtype=np.float64).reshape(-1, 4), axis=0)
+    t = np.mean(np.asarray(translations, dtype=np.float64).reshape(-1, 3), axis=0)
+    return transform(q / np.linalg.norm(q), t)
+
+
 def lidar_to_global(rec) -> np.ndarray:
     """4x4 key-frame lidar -> global of an info record (or any mapping with its four pose fields)."""
     return transform(rec["ego2global_rotation"], rec["ego2global_translation"]) @ transform(

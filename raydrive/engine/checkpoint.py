@@ -14,7 +14,6 @@ later stage, `--load-from`) skips and reports a folder that fails it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ import torch
 
 from raydrive import safe_pickle
 from raydrive.data.infos import DataError
+from raydrive.data.parquet import sha256_file
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
 COMPLETE_FILE = "raydrive_complete.json"  # written last: the other files' sizes and sha256
@@ -71,19 +71,11 @@ def save(directory: Path, model_state: dict, train_state: dict, meta: dict) -> P
     return directory
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_marker(directory: Path, step: int | None) -> None:
     """List every file of `directory` with its size and sha256 in COMPLETE_FILE (fsynced)."""
     directory = Path(directory)
     files = {
-        f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+        f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
         for f in sorted(directory.iterdir())
         if f.is_file() and f.name != COMPLETE_FILE
     }
@@ -114,7 +106,7 @@ def verify(directory: Path, full: bool = False) -> dict:
         size = path.stat().st_size
         if size != info["size"]:
             raise BrokenCheckpoint(f"{name} has {size} bytes, {info['size']} were written")
-        if full and _sha256(path) != info["sha256"]:
+        if full and sha256_file(path) != info["sha256"]:
             raise BrokenCheckpoint(f"{name} differs from what was written (sha256)")
     return marker
 

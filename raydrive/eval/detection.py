@@ -35,10 +35,8 @@ def box_frame_to_global(rec: dict, frame: str) -> np.ndarray:
     if frame == "lidar":
         return geo.lidar_to_global(rec)
     if frame == "mean_cam_ego":  # BEVDepth `get_gt` / `_format_bbox`: quaternion components averaged
-        cams = rec["cams"].values()
-        q = np.mean([np.asarray(c["ego2global_rotation"], dtype=np.float64) for c in cams], axis=0)
-        t = np.mean([np.asarray(c["ego2global_translation"], dtype=np.float64) for c in cams], axis=0)
-        return geo.transform(q / np.linalg.norm(q), t)
+        cams = list(rec["cams"].values())
+        return geo.mean_pose([c["ego2global_rotation"] for c in cams], [c["ego2global_translation"] for c in cams])
     raise ValueError(f"unknown box frame {frame!r}; expected one of {FRAMES}")
 
 

@@ -29,6 +29,7 @@ from raydrive.data import geometry as geo
 from raydrive.data.augment import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, ImageAug, ida_matrix
 from raydrive.data.constants import CLASSES, NUM_CAMS
 from raydrive.data.depth_gt import depth_file, read_depth_gt
+from raydrive.data.frames import frames_to_block, read_camera_image, stack_ragged
 from raydrive.data.infos import DataError, resolve_path
 from raydrive.data.prepare import load_manifest
 
@@ -76,11 +77,7 @@ class BEVDepthMapper:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         frames = [self.frame({k: v[i] for k, v in rows.items()}) for i in range(len(rows["token"]))]
-        out = {}
-        for key in frames[0] if frames else ():
-            values = [f[key] for f in frames]
-            out[key] = _objects(values) if key in self.ragged else np.stack(values)
-        return out
+        return frames_to_block(frames, self.ragged)
 
     def frame(self, row: dict) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(int(row["aug_seed"]))
@@ -159,21 +156,8 @@ class BEVDepthMapper:
 
         path = resolve_path(self.dataroot, str(row[f"cam_data_path{sfx}"][c]))
         width, height = int(row[f"cam_width{sfx}"][c]), int(row[f"cam_height{sfx}"][c])
-        try:
-            with Image.open(path) as im:
-                if im.size != (width, height):
-                    raise DataError(
-                        f"image {path} is {im.size[0]}x{im.size[1]}, its info record says {width}x{height}; "
-                        f"re-run `raydrive prepare`"
-                    )
-                im.draft("RGB", aug.resize_dims)
-                img = im.convert("RGB").resize(aug.resize_dims, Image.BICUBIC).crop(aug.crop)
-        except FileNotFoundError:
-            raise DataError(
-                f"missing image {path} (sample {row['token']}); check --dataroot or the mount of the nuScenes tree"
-            ) from None
-        except OSError as e:
-            raise DataError(f"cannot decode image {path} (sample {row['token']}): {e}") from None
+        img = read_camera_image(path, width, height, row["token"], aug.resize_dims)
+        img = img.resize(aug.resize_dims, Image.BICUBIC).crop(aug.crop)  # upstream: PIL's default resize
         if aug.flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         img = img.rotate(aug.rotate_deg)  # upstream: PIL's default (nearest) resampling
@@ -197,28 +181,27 @@ class BEVDepthMapper:
         names = np.array([str(x) for x in row["gt_names"]], dtype=object)
         keep = np.isin(names, CLASSES)
         if self.cfg.only_valid:
-            keep &= _flat(row["num_lidar_pts"], np.int64) + _flat(row["num_radar_pts"], np.int64) > 0
+            keep &= (
+                stack_ragged(row["num_lidar_pts"], (), np.int64) + stack_ragged(row["num_radar_pts"], (), np.int64) > 0
+            )
         idx = np.flatnonzero(keep)
         boxes = np.zeros((len(idx), 9))
         if len(idx):
             inv = np.linalg.inv(mean_ego_pose(row))
-            centers = _rows(row["ann_translation"], 3)[idx]
+            centers = stack_ragged(row["ann_translation"], (3,), np.float64)[idx]
             boxes[:, :3] = centers @ inv[:3, :3].T + inv[:3, 3]
-            boxes[:, 3:6] = _rows(row["ann_size"], 3)[idx][:, [1, 0, 2]]
-            for j, q in enumerate(_rows(row["ann_rotation"], 4)[idx]):
+            boxes[:, 3:6] = stack_ragged(row["ann_size"], (3,), np.float64)[idx][:, [1, 0, 2]]
+            for j, q in enumerate(stack_ragged(row["ann_rotation"], (4,), np.float64)[idx]):
                 boxes[j, 6] = _yaw(inv[:3, :3] @ geo.quat_to_matrix(q))
-            vel = np.nan_to_num(_rows(row["ann_velocity"], 3)[idx])
+            vel = np.nan_to_num(stack_ragged(row["ann_velocity"], (3,), np.float64)[idx])
             boxes[:, 7:9] = (vel @ inv[:3, :3].T)[:, :2]
         labels = np.array([CLASSES.index(n) for n in names[idx]], dtype=np.int64)
         return boxes, labels
 
 
 def mean_ego_pose(row: dict) -> np.ndarray:
-    """4x4 ego -> global from the element-wise mean of the six cameras' ego poses (quaternion
-    components averaged, then normalised as pyquaternion does when it rotates)."""
-    q = np.mean(_rows(row["cam_ego2global_rotation"], 4), axis=0)
-    t = np.mean(_rows(row["cam_ego2global_translation"], 3), axis=0)
-    return geo.transform(q / np.linalg.norm(q), t)
+    """4x4 ego -> global of the frame BEVDepth's boxes live in (see `geometry.mean_pose`)."""
+    return geo.mean_pose(list(row["cam_ego2global_rotation"]), list(row["cam_ego2global_translation"]))
 
 
 @dataclass(frozen=True)
@@ -288,18 +271,3 @@ def _pose(row: dict, pattern: str, c: int) -> np.ndarray:
 def _yaw(r: np.ndarray) -> float:
     """pyquaternion's yaw of a rotation matrix (atan2 of the rotated x axis for a z rotation)."""
     return float(np.arctan2(r[1, 0], r[0, 0]))
-
-
-def _rows(values, width: int) -> np.ndarray:
-    arr = np.array([np.asarray(v, dtype=np.float64) for v in values]) if len(values) else np.zeros((0, width))
-    return arr.reshape(-1, width)
-
-
-def _flat(values, dtype) -> np.ndarray:
-    return np.asarray([int(v) for v in values], dtype=dtype) if len(values) else np.zeros(0, dtype)
-
-
-def _objects(arrays: list[np.ndarray]) -> np.ndarray:
-    obj = np.empty(len(arrays), dtype=object)
-    obj[:] = arrays
-    return obj

@@ -29,6 +29,7 @@ from raydrive.data.augment import (
 )
 from raydrive.data.constants import CLASSES, NUM_CAMS
 from raydrive.data.depth_gt import depth_file, read_depth_gt
+from raydrive.data.frames import frames_to_block, read_camera_image, stack_ragged
 from raydrive.data.infos import DataError, resolve_path
 from raydrive.data.prepare import load_manifest
 
@@ -79,11 +80,7 @@ class Sparse4DMapper:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         frames = [self.frame({k: v[i] for k, v in rows.items()}) for i in range(len(rows["token"]))]
-        out = {}
-        for key in frames[0] if frames else ():
-            values = [f[key] for f in frames]
-            out[key] = _objects(values) if key in self.ragged else np.stack(values)
-        return out
+        return frames_to_block(frames, self.ragged)
 
     def frame(self, row: dict) -> dict[str, np.ndarray]:
         seed = int(row["aug_seed"])
@@ -128,48 +125,20 @@ class Sparse4DMapper:
         }
 
     def _image(self, row: dict, c: int, img_aug) -> np.ndarray:
-        from PIL import Image
-
         path = resolve_path(self.dataroot, str(row["cam_data_path"][c]))
         width, height = int(row["cam_width"][c]), int(row["cam_height"][c])
-        try:
-            with Image.open(path) as im:
-                if im.size != (width, height):
-                    raise DataError(
-                        f"image {path} is {im.size[0]}x{im.size[1]}, its info record says {width}x{height}; "
-                        f"re-run `raydrive prepare`"
-                    )
-                # let libjpeg decode at a reduced DCT scale that is still >= the resize target: several
-                # times cheaper at 256x704 from 1600x900; the resize targets absolute dimensions, so the
-                # augmentation matrix (in original pixels) is unchanged
-                im.draft("RGB", img_aug.resize_dims)
-                return np.asarray(apply_image_aug(im.convert("RGB"), img_aug))
-        except FileNotFoundError:
-            raise DataError(
-                f"missing image {path} (sample {row['token']}); check --dataroot or the mount of the nuScenes tree "
-                f"on this node"
-            ) from None
-        except OSError as e:
-            raise DataError(f"cannot decode image {path} (sample {row['token']}): {e}") from None
+        img = read_camera_image(path, width, height, row["token"], img_aug.resize_dims)
+        return np.asarray(apply_image_aug(img, img_aug))
 
     def _targets(self, row: dict, bev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        boxes = _stack(row["gt_boxes"], (7,), np.float64)
-        vel = np.nan_to_num(_stack(row["gt_velocity"], (2,), np.float64))
+        boxes = stack_ragged(row["gt_boxes"], (7,), np.float64)
+        vel = np.nan_to_num(stack_ragged(row["gt_velocity"], (2,), np.float64))
         names = np.array([str(x) for x in row["gt_names"]], dtype=object)
         keep = np.isin(names, CLASSES) & (np.linalg.norm(boxes[:, :2], axis=1) <= self.max_range)
         if self.only_valid:
-            keep &= _stack(row["num_lidar_pts"], (), np.int64) + _stack(row["num_radar_pts"], (), np.int64) > 0
+            keep &= (
+                stack_ragged(row["num_lidar_pts"], (), np.int64) + stack_ragged(row["num_radar_pts"], (), np.int64) > 0
+            )
         boxes9 = apply_bev_aug(np.concatenate([boxes, vel], axis=1)[keep], bev).astype(np.float32)
         labels = np.array([CLASSES.index(x) for x in names[keep]], dtype=np.int64)
-        return boxes9, labels, _stack(row["instance_inds"], (), np.int64)[keep]
-
-
-def _stack(values, inner: tuple[int, ...], dtype) -> np.ndarray:
-    arr = np.array([np.asarray(v, dtype=dtype) for v in values], dtype=dtype) if len(values) else np.zeros(0, dtype)
-    return arr.reshape(-1, *inner) if inner else arr.reshape(-1)
-
-
-def _objects(arrays: list[np.ndarray]) -> np.ndarray:
-    obj = np.empty(len(arrays), dtype=object)
-    obj[:] = arrays
-    return obj
+        return boxes9, labels, stack_ragged(row["instance_inds"], (), np.int64)[keep]
