@@ -323,7 +323,7 @@ def test_accumulation_keeps_each_micro_batch_lane_apart():
     model = LaneProbe()
     w = Worker.__new__(Worker)  # the parts train_step uses
     w.model = w.ddp = model
-    w.world, w.amp_dtype, w.scaler, w.device = 1, None, None, torch.device("cpu")
+    w.world, w.amp_dtype, w.scaler, w.ema, w.device = 1, None, None, None, torch.device("cpu")
     w.batching, w.state = Batching(1, 2, 2, 4), TrainState()
     w.cfg = toy_preset()()
     w.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)

@@ -163,9 +163,8 @@ class Worker:
         if states is not None:
             self.state.lane_states = states
         grad_norm = clip_and_step(self.model, self.optimizer, self.scaler, self.cfg.optim)
-        ema = getattr(self, "ema", None)  # absent on workers built without __init__ (tests)
-        if ema is not None:
-            ema.update(self.model)
+        if self.ema is not None:
+            self.ema.update(self.model)
         return totals, grad_norm
 
     def _global_terms(self, losses: dict[str, torch.Tensor], loss: torch.Tensor) -> dict[str, float]:
@@ -191,8 +190,7 @@ class Worker:
         pipeline = build_pipeline(self.spec, self.cfg, "val", False, self.world)
         storage = self.cfg.run.storage_path
         run_dir = Path(storage) / self.cfg.run.name if storage and "://" not in storage and self.cfg.run.name else None
-        ema = getattr(self, "ema", None)
-        with ema.swapped_into(self.model) if ema is not None else contextlib.nullcontext():
+        with self.ema.swapped_into(self.model) if self.ema is not None else contextlib.nullcontext():
             return evaluate(
                 self.model, evaluator, pipeline, self.rank, self.world, self.autocast, run_dir, self.state.step
             )

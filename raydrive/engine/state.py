@@ -76,7 +76,7 @@ def checkpoint_and_report(w, metrics: dict) -> None:
     }
     if w.scaler is not None:
         train_state["scaler"] = w.scaler.state_dict()
-    if getattr(w, "ema", None) is not None:
+    if w.ema is not None:
         train_state["ema"] = w.ema.state_dict()
     meta = {"model": w.cfg.model_name, "preset": w.cfg.preset, "step": s.step, "epoch": epoch}
     meta["config"] = w.cfg.to_dict()
@@ -111,7 +111,7 @@ def restore(w, checkpoint) -> None:
     w.optimizer.load_state_dict(saved["optimizer"])
     if w.scaler is not None and "scaler" in saved:
         w.scaler.load_state_dict(saved["scaler"])
-    if getattr(w, "ema", None) is not None and "ema" in saved:
+    if w.ema is not None and "ema" in saved:
         w.ema.load_state_dict(saved["ema"])
     s = w.state
     s.step, s.epoch, s.in_epoch = int(saved["step"]), int(saved["epoch"]), int(saved["in_epoch"])
