@@ -223,7 +223,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         if key not in known:
             short = [k for k in known if k.split(".", 1)[1] == key]
             close = short or difflib.get_close_matches(key, known, n=4, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see the resolved config printed at start-up"
+            hint = f"; did you mean {', '.join(close)}?" if close else "; `--show-config` lists every key"
             raise ConfigError(f"unknown config key {key!r}{hint}")
         section_name, name = key.split(".", 1)
         hints = typing.get_type_hints(type(getattr(cfg, section_name)))

@@ -153,6 +153,22 @@ def failure_line(exc: BaseException) -> str:
     return line + (f" (traceback: {log})" if log and "(traceback:" not in line else "")
 
 
+def failure_traceback(exc: BaseException) -> str | None:
+    """The full traceback of a failure that is not one of raydrive's one-line kinds (a bug, a crash):
+    the quiet console shows it whole, since no single line can say what went wrong. None otherwise."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    ranked = [failures[r] for r in sorted(failures)]
+    if any(isinstance(e, FatalRunError) or deterministic(e) for e in ranked) or deterministic(exc):
+        return None
+    if "Traceback (most recent call last)" in str(exc):  # Ray Train's WorkerGroupError: each rank's traceback
+        return str(exc).rstrip()
+    chosen = (ranked or [getattr(exc, "controller_failure", None) or exc])[0]
+    text = str(chosen)
+    if "Traceback (most recent call last)" not in text:
+        text = "".join(traceback.format_exception(type(chosen), chosen, chosen.__traceback__))
+    return text.rstrip()
+
+
 class RunFailed(RuntimeError):
     """A run that stopped on an error; its text is the one line the driver prints last."""
 

@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import random
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +36,7 @@ from raydrive.engine.ema import ModelEMA
 from raydrive.engine.evaluate import evaluate
 from raydrive.engine.metrics import LiveMetrics
 from raydrive.engine.optim import build_optimizer, build_scaler, clip_and_step, set_lr
+from raydrive.engine.progress import Progress
 from raydrive.engine.state import TrainState, checkpoint_and_report, restore, resume_point
 from raydrive.engine.tensorboard import TensorBoardLog, tensorboard_dir
 from raydrive.engine.timer import StepTimer
@@ -46,13 +46,6 @@ from raydrive.spec import KeyFrames, Lanes, ModelSpec
 
 class NonFiniteLoss(DeterministicError):
     pass
-
-
-def log(message: str) -> None:
-    """One line to the worker's stdout (Ray forwards it to the driver). Not print(): Ray Train V2
-    patches print into its logger as well, which would show every line twice."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
 
 
 def seed_everything(seed: int) -> None:
@@ -104,7 +97,11 @@ def load_model(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> torch
 class Worker:
     """One rank's training: the model, its optimizer and the run's state."""
 
-    log = staticmethod(log)
+    progress = Progress()  # rank 0's channel to the driver's console; _train sets the run's
+
+    def log(self, message: str) -> None:
+        """A line for the person at the console (rank 0's board) and the log."""
+        self.progress.message(message)
 
     def __init__(self, spec: ModelSpec, cfg: TrainConfig, rank: int, world: int, device, amp_dtype):
         self.spec, self.cfg, self.rank, self.world, self.device = spec, cfg, rank, world, device
@@ -186,6 +183,7 @@ class Worker:
         return dict(zip(names, values.tolist()))
 
     def evaluate(self) -> dict:
+        self.progress.update(force=True, phase="evaluating on the val split")
         evaluator = self.spec.build_evaluator(self.cfg)
         pipeline = build_pipeline(self.spec, self.cfg, "val", False, self.world)
         storage = self.cfg.run.storage_path
@@ -243,6 +241,7 @@ def _train(spec: ModelSpec, cfg: TrainConfig, config: dict, ctx) -> None:
     seed_everything(cfg.run.seed + rank)
     torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
     w = Worker(spec, cfg, rank, world, device, PRECISIONS[config["precision"]])
+    w.progress = Progress(config.get("progress"), rank)
     restored = resume_point(ray.train.get_checkpoint(), config.get("resume_from"))
     if restored is not None:
         restore(w, restored)
@@ -254,7 +253,7 @@ def _train(spec: ModelSpec, cfg: TrainConfig, config: dict, ctx) -> None:
         run_steps(w, ctx.get_experiment_name())
         if w.state.step < w.total:  # paused with run.stop_at_step: the last checkpoint is where a re-run continues
             if rank == 0:
-                log(
+                w.log(
                     f"[raydrive] paused at step {w.state.step} of {w.total}; run again with the same --name to continue"
                 )
             return
@@ -291,9 +290,19 @@ def run_steps(w: Worker, run_name: str) -> None:
         s.history.append({"step": s.step, "loss": loss, "losses": dict(terms), "tokens": tokens, "lr": lr})
         live.publish(s.step, terms, lr, timer.last(), w.device)
         w.tb.step(s.step, terms, lr, grad_norm, timer.last())
+        t = timer.last()
+        w.progress.update(
+            force=s.step == stop,
+            step=s.step,
+            total=w.total,
+            epoch=s.epoch,
+            loss=loss,
+            samples_per_s=t["samples_per_s_global"],
+            data_wait=t["data_wait_fraction"],
+            phase="training",
+        )
         if w.rank == 0 and (s.step % cfg.run.log_every == 0 or s.step == w.total):
-            t = timer.last()
-            log(
+            w.progress.log(
                 f"[raydrive] {run_name} step {s.step}/{w.total} epoch {s.epoch} loss {loss:.3f} lr {lr:.2e} "
                 f"grad {grad_norm:.2f} step {t['step_time_s']:.2f}s data {t['data_wait_fraction']:.0%} "
                 f"{t['samples_per_s_global']:.2f} samples/s"
@@ -315,11 +324,13 @@ def _report(w: Worker, extra: dict) -> None:
 
 def _headline(w: Worker, metrics: dict, when: str, suffix: str = "") -> dict:
     """The evaluator's headline metrics (rank 0 logs them and writes them to TensorBoard at the current
-    step, 0 before training); `suffix` names them in the report."""
+    step, 0 before training); `suffix` names them in the report. The console gets the figures before
+    training at once; those after training come with the driver's final table."""
     if w.rank != 0:
         return {}
     headline = w.spec.build_evaluator(w.cfg).headline
-    log(f"[raydrive] {when}: val " + "  ".join(f"{k} {float(metrics[k]):.4f}" for k in headline))
+    line = f"[raydrive] {when}: val " + "  ".join(f"{k} {float(metrics[k]):.4f}" for k in headline)
+    (w.log if suffix else w.progress.log)(line)
     values = {k: float(metrics[k]) for k in headline}
     w.tb.metrics(w.state.step, values)
     w.tb.flush()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from raydrive.config import ConfigError, TrainConfig, apply_overrides, batching, check_ranges
 from raydrive.data.infos import DataError
-from raydrive.errors import RunFailed, failure_line
+from raydrive.errors import RunFailed, failure_line, failure_traceback
 
 DONE_FILE = "raydrive_done.json"  # written into a run folder when its stage finished
 
@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
         "this can run code from the file)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the val evaluation after training")
+    p.add_argument(
+        "--show-config", action="store_true", help="print the resolved config (every key) and exit, without Ray"
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output (workers, Ray Train, Ray Data) on the console too; it always goes to "
+        "<run folder>/ray.log",
+    )
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
 
@@ -240,9 +249,20 @@ def schedule_line(cfg: TrainConfig) -> str:
     )
 
 
-def run(cfg: TrainConfig, env: dict[str, str] | None = None):
+def run(cfg: TrainConfig, env: dict[str, str] | None = None, verbose: bool = False):
     """One stage through Ray Train's TorchTrainer; returns Ray's Result. Raises RunFailed (one line) when
-    the workers fail, RunInterrupted on Ctrl-C, ConfigError when the cluster cannot run it."""
+    the workers fail, RunInterrupted on Ctrl-C, ConfigError when the cluster cannot run it. Ray's own
+    output goes to `<run folder>/ray.log` (and the console too when `verbose`)."""
+    from raydrive.launch.console import RAY_LOG, RayOutput
+
+    r = cfg.run
+    name = r.name or default_name(cfg.model_name, cfg.preset, r.benchmark)
+    storage = str(storage_root(r.storage_path))
+    with RayOutput(Path(storage) / name / RAY_LOG, verbose) as ray_output:
+        return _run(cfg, env, name, storage, ray_output)
+
+
+def _run(cfg: TrainConfig, env: dict[str, str] | None, name: str, storage: str, ray_output):
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -252,16 +272,17 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
     from raydrive.launch import runcard
     from raydrive.launch.checks import check_resources, check_storage
     from raydrive.launch.cluster import connect_ray
+    from raydrive.launch.console import RAY_LOG, ProgressConsole
     from raydrive.launch.resume import prepare_resume
     from raydrive.launch.trainer import RaydriveTrainer
     from raydrive.trainers import get_spec
 
     spec = get_spec(cfg.model_name)
     r = cfg.run
-    name = r.name or default_name(cfg.model_name, cfg.preset, r.benchmark)
-    storage = str(storage_root(r.storage_path))
     check_storage(storage)
     connect_ray()
+    ray_output.quiet_loggers()
+    ray_output.capture_workers()
     ray.data.DataContext.get_current().enable_progress_bars = False
     plan = accel.plan(
         ray.cluster_resources(),
@@ -279,16 +300,23 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
         flush=True,
     )
     print(schedule_line(cfg), flush=True)
-    print("[raydrive] resolved config:\n" + cfg.to_yaml(), flush=True)
     run_dir = Path(storage) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = prepare_resume(run_dir)
     (run_dir / "raydrive_config.yaml").write_text(cfg.to_yaml())
-    card = runcard.start_card(cfg, spec.config(cfg.preset), _schedule(cfg)[2])
+    print(config_summary(cfg, spec.config(cfg.preset), run_dir / "raydrive_config.yaml"), flush=True)
+    total = _schedule(cfg)[2]
+    card = runcard.start_card(cfg, spec.config(cfg.preset), total)
     runcard.write_card(run_dir, card)
-    print(f"[raydrive] run card: {run_dir / runcard.RUN_CARD}; TensorBoard: tensorboard --logdir {storage}", flush=True)
+    print(f"[raydrive] run folder: {run_dir} (run_card.json, {RAY_LOG}; TensorBoard: tensorboard --logdir {storage})")
 
-    loop_config = {"config": cfg.to_dict(), "accelerator": plan.kind, "precision": plan.precision}
+    console = ProgressConsole(name, total)
+    loop_config = {
+        "config": cfg.to_dict(),
+        "accelerator": plan.kind,
+        "precision": plan.precision,
+        "progress": console.board,
+    }
     trainer = RaydriveTrainer(
         spec.train_loop,
         train_loop_config={**loop_config, "resume_from": resume_from},
@@ -308,7 +336,8 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
         ),
     )
     try:
-        result = trainer.fit()
+        with console:
+            result = trainer.fit()
     except BaseException as e:  # Ray Train raises (rather than returns) failures once retries are used up; Ctrl-C
         _stopped(cfg, run_dir, card, e, trainer.interrupted)
     _write_card(run_dir, runcard.end_card(card, status(cfg, result), result, spec.build_evaluator(cfg).headline))
@@ -316,6 +345,18 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None):
 
     pictures_after_training(run_dir)
     return result
+
+
+HIDDEN_IN_SUMMARY = ("data.dataroot", "data.prepared", "run.name", "run.storage_path")  # printed elsewhere
+
+
+def config_summary(cfg: TrainConfig, preset_cfg: TrainConfig, path: Path) -> str:
+    """One line: the preset and what differs from it (the whole config is in the run folder)."""
+    from raydrive.config import config_diff
+
+    diff = config_diff(preset_cfg, cfg)
+    shown = ", ".join(f"{k}={v['value']}" for k, v in diff.items() if k not in HIDDEN_IN_SUMMARY)
+    return f"[raydrive] config: preset {cfg.preset}" + (f" with {shown}" if shown else "") + f" (all of it: {path})"
 
 
 def _write_card(run_dir: Path, card: dict) -> None:
@@ -344,6 +385,9 @@ def _stopped(cfg: TrainConfig, run_dir: Path, card: dict, error: BaseException, 
             f"{cfg.run.storage_path}) again to resume"
         ) from None
     line = failure_line(error)
+    details = failure_traceback(error)
+    if details:  # an unexpected worker error: its traceback, whole, before the driver's last line
+        print(f"[raydrive] the run failed with:\n{details}", file=sys.stderr, flush=True)
     _write_card(run_dir, runcard.end_card(card, "failed", error=line))
     raise RunFailed(line) from error
 
@@ -362,7 +406,7 @@ def finished(result) -> bool:
     return result.error is None and bool((result.metrics or {}).get("finished"))
 
 
-def run_stages(cfgs: list[TrainConfig], env: dict[str, str] | None = None) -> list:
+def run_stages(cfgs: list[TrainConfig], env: dict[str, str] | None = None, verbose: bool = False) -> list:
     """Run the stages in order; a later stage's `run.load_from = "stage:<preset>"` is the final
     checkpoint of that earlier stage. Stages that finished before (their run folder holds DONE_FILE)
     are skipped, so a re-run continues in the stage it stopped in."""
@@ -376,7 +420,7 @@ def run_stages(cfgs: list[TrainConfig], env: dict[str, str] | None = None) -> li
         load_from = cfg.run.load_from or ""
         if load_from.startswith("stage:"):
             cfg.run = dataclasses.replace(cfg.run, load_from=_stage_checkpoint(cfgs, storage, load_from[6:]))
-        result = run(cfg, env)
+        result = run(cfg, env, verbose)
         results.append((cfg, result))
         if not finished(result):
             break
@@ -453,9 +497,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfgs = resolve_stages(args)
         env = parse_env(args.env)
+        if args.show_config:
+            print("\n".join(cfg.to_yaml() for cfg in cfgs), end="")
+            return 0
         for cfg in cfgs:
             resolve_data(cfg)
-        for cfg, result in run_stages(cfgs, env):
+        for cfg, result in run_stages(cfgs, env, args.verbose):
             report(cfg, result)
             if result.error:
                 return _report_last(f"raydrive train: error: {failure_line(result.error)}", 1)
