@@ -63,9 +63,13 @@ def test_ray_output_moves_ray_loggers_and_forwarded_lines_to_the_log_file(tmp_pa
     dispatcher.add_handler("ray_print_logs", printed.append)  # what ray.init(log_to_driver=True) installs
     try:
         log = tmp_path / "run" / "ray.log"
+        with RayOutput(log) as out:  # a run refused before it starts leaves no file
+            logging.getLogger("ray.train").warning("refused")
+        assert not log.parent.exists()
         with RayOutput(log) as out:
             out.capture_workers()
             logging.getLogger("ray.train").warning("a Ray warning")
+            out.open_log()  # what waited in memory goes first
             dispatcher.emit({"lines": ["worker says hi"], "pid": 7, "ip": "1.2.3.4", "actor_name": "RayTrainWorker"})
         assert printed == []  # nothing reached Ray's console printer
         text = log.read_text()
@@ -74,6 +78,7 @@ def test_ray_output_moves_ray_loggers_and_forwarded_lines_to_the_log_file(tmp_pa
         assert [n for n, _ in dispatcher.handlers].count("ray_print_logs") == 1  # restored on exit
 
         with RayOutput(log, verbose=True) as out:  # --verbose: both
+            out.open_log()
             out.capture_workers()
             dispatcher.emit({"lines": ["verbose line"], "pid": 8, "ip": "x"})
         assert printed and printed[-1]["lines"] == ["verbose line"] and "verbose line" in log.read_text()

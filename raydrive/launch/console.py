@@ -28,25 +28,63 @@ _RAY_HANDLER = "ray_print_logs"  # the name Ray registers its console printer un
 _OUR_HANDLER = "raydrive_ray_log"
 
 
+class _Sink:
+    """Where Ray's lines go: held in memory until the run folder is in use (a run refused before it
+    starts leaves no file behind), then appended to the log file. A disk that cannot take them loses
+    them, never the run."""
+
+    def __init__(self, path: Path):
+        self.path, self.file, self.buffer = path, None, []
+
+    def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed by close())
+            self.file.write("".join(self.buffer))
+        except OSError as e:
+            print(f"[raydrive] cannot write {self.path} ({e.strerror or e}); Ray's output for this run is lost")
+        self.buffer = None
+
+    def write(self, text: str) -> None:
+        if self.buffer is not None:
+            self.buffer.append(text)
+        elif self.file is not None:
+            try:
+                self.file.write(text)
+            except (OSError, ValueError):
+                pass
+
+    def flush(self) -> None:
+        pass  # line-buffered
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.buffer = None
+
+
 class RayOutput:
     """Sends Ray's output (forwarded worker lines, the driver's `ray` loggers, Python warnings) to a
-    log file; with `verbose` the console keeps it too. A context manager; restores everything on exit."""
+    log file; with `verbose` the console keeps it too. A context manager; restores everything on exit.
+    `open_log()` starts the file once the run folder is in use; until then the lines wait in memory."""
 
     def __init__(self, path: Path, verbose: bool = False):
         self.path, self.verbose = Path(path), verbose
-        self._file = None
+        self._file = _Sink(self.path)
         self._saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
         self._handler: logging.Handler | None = None
         self._removed_printer = None
 
     def __enter__(self) -> RayOutput:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
         self._file.write(f"===== raydrive run started {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
         import ray  # noqa: F401 (importing Ray installs its console handler, which quiet_loggers replaces)
 
         self.quiet_loggers()
         return self
+
+    def open_log(self) -> None:
+        self._file.open()
 
     def quiet_loggers(self) -> None:
         """Send the driver's `ray` records (and Python warnings) to the file: quiet, they propagate to a file
@@ -88,14 +126,9 @@ class RayOutput:
                 dispatcher.remove_handler(_RAY_HANDLER)
 
     def _write_batch(self, data: dict) -> None:
-        if self._file is None or self._file.closed:
-            return
         who = data.get("actor_name") or data.get("task_name") or ""
         prefix = f"({who} pid={data.get('pid')}, ip={data.get('ip')})"
-        try:
-            self._file.write("".join(f"{prefix} {line}\n" for line in data.get("lines", [])))
-        except (OSError, ValueError):  # a full disk must not take the run's own reporting with it
-            pass
+        self._file.write("".join(f"{prefix} {line}\n" for line in data.get("lines", [])))
 
     def __exit__(self, *exc) -> None:
         try:
@@ -114,8 +147,7 @@ class RayOutput:
                 logger.addHandler(h)
             logger.propagate = propagate
         logging.captureWarnings(False)
-        if self._file is not None:
-            self._file.close()
+        self._file.close()
 
 
 def _board_class():

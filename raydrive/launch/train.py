@@ -253,11 +253,13 @@ def run(cfg: TrainConfig, env: dict[str, str] | None = None, verbose: bool = Fal
     """One stage through Ray Train's TorchTrainer; returns Ray's Result. Raises RunFailed (one line) when
     the workers fail, RunInterrupted on Ctrl-C, ConfigError when the cluster cannot run it. Ray's own
     output goes to `<run folder>/ray.log` (and the console too when `verbose`)."""
+    from raydrive.launch.checks import check_storage
     from raydrive.launch.console import RAY_LOG, RayOutput
 
     r = cfg.run
     name = r.name or default_name(cfg.model_name, cfg.preset, r.benchmark)
     storage = str(storage_root(r.storage_path))
+    check_storage(storage)
     with RayOutput(Path(storage) / name / RAY_LOG, verbose) as ray_output:
         return _run(cfg, env, name, storage, ray_output)
 
@@ -270,7 +272,7 @@ def _run(cfg: TrainConfig, env: dict[str, str] | None, name: str, storage: str, 
 
     from raydrive import accel
     from raydrive.launch import runcard
-    from raydrive.launch.checks import check_resources, check_storage
+    from raydrive.launch.checks import check_resources
     from raydrive.launch.cluster import connect_ray
     from raydrive.launch.console import RAY_LOG, ProgressConsole
     from raydrive.launch.resume import prepare_resume
@@ -279,7 +281,6 @@ def _run(cfg: TrainConfig, env: dict[str, str] | None, name: str, storage: str, 
 
     spec = get_spec(cfg.model_name)
     r = cfg.run
-    check_storage(storage)
     connect_ray()
     ray_output.quiet_loggers()
     ray_output.capture_workers()
@@ -302,6 +303,7 @@ def _run(cfg: TrainConfig, env: dict[str, str] | None, name: str, storage: str, 
     print(schedule_line(cfg), flush=True)
     run_dir = Path(storage) / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    ray_output.open_log()
     resume_from = prepare_resume(run_dir)
     (run_dir / "raydrive_config.yaml").write_text(cfg.to_yaml())
     print(config_summary(cfg, spec.config(cfg.preset), run_dir / "raydrive_config.yaml"), flush=True)
