@@ -46,12 +46,13 @@ def full_ema() -> TrainConfig:
 
 def small() -> TrainConfig:
     """The embedded default: a narrow ResNet-18, 128x352 input, 28 depth bins and a 64 x 64 BEV grid
-    of 1.6 m cells; learns on the synthetic set within 10 minutes on 2 CPU cores."""
+    of 1.6 m cells; learns on the synthetic set within 10 minutes on 2 CPU cores (10 epochs = 200 steps:
+    8 min 50 s from an empty cache, val mAP 0 -> 0.025; 12 epochs reached 0.036 but took 10 min 15 s)."""
     return TrainConfig(
         model_name="bevdepth",
         preset="small",
         run=RunSection(
-            global_batch=4, batch_size=2, epochs=12, checkpoint_every=100, log_every=10, evaluate_before=True
+            global_batch=4, batch_size=2, epochs=10, checkpoint_every=100, log_every=10, evaluate_before=True
         ),
         data=DataSection(),
         optim=OptimSection(**{**UPSTREAM_OPTIM, "lr": 2e-3, "weight_decay": 1e-4, "milestones": (0.8,)}),
