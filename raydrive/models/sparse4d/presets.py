@@ -46,7 +46,8 @@ def small() -> TrainConfig:
             global_batch=4, batch_size=2, epochs=20, checkpoint_every=100, log_every=10, evaluate_before=True
         ),
         data=DataSection(seq_split_num=2),
-        optim=OptimSection(**{**UPSTREAM_OPTIM, "lr": 1e-3, "warmup_iters": 30, "lr_mults": {}}),
+        # lr 3e-3 (not 1e-3): val mAP 0.019 -> 0.027 after the same 400 steps on the embedded set
+        optim=OptimSection(**{**UPSTREAM_OPTIM, "lr": 3e-3, "warmup_iters": 30, "lr_mults": {}}),
         model=Sparse4DConfig(
             image_hw=(128, 352),
             backbone_depth=18,
