@@ -279,17 +279,20 @@ class StreamPETRHead(nn.Module):
                 dropout=dropout,
                 with_cp=with_cp,
             )
-        self.transformer = transformer
 
-        # Constants that upstream keeps as frozen nn.Parameters; here persistent buffers, same keys.
-        self.register_buffer("code_weights", torch.tensor(code_weights, dtype=torch.float32))
-        costs = match_costs if match_costs is not None else code_weights
-        self.register_buffer("match_costs", torch.tensor(costs, dtype=torch.float32))
-        self.register_buffer("pc_range", torch.tensor(pc_range, dtype=torch.float32))
-        self.register_buffer("position_range", torch.tensor(position_range, dtype=torch.float32))
-        self.register_buffer("coords_d", self._depth_bins(depth_num, depth_start, lid))
+        # Constants that upstream keeps as frozen nn.Parameters: the same here, so the parameter count
+        # (82,947,153 for vov99) and the state-dict keys are upstream's.
+        def frozen(values) -> nn.Parameter:
+            return nn.Parameter(torch.as_tensor(values, dtype=torch.float32), requires_grad=False)
+
+        self.code_weights = frozen(code_weights)
+        self.match_costs = frozen(match_costs if match_costs is not None else code_weights)
+        self.pc_range = frozen(pc_range)
+        self.position_range = frozen(position_range)
+        self.coords_d = frozen(self._depth_bins(depth_num, depth_start, lid))
 
         self._build_layers(in_channels, num_reg_fcs)
+        self.transformer = transformer  # registered last: upstream's state-dict order
         self.init_weights()
         self.reset_memory()
 
