@@ -175,6 +175,16 @@ def _board_class():
     return ProgressBoard
 
 
+def _board_on_this_node():
+    """The board lives on the driver's node: a node lost mid-run must not take the console with it
+    (rank 0's resume note would go nowhere)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return _board_class().options(scheduling_strategy=here).remote()
+
+
 def format_eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rest = divmod(seconds, 3600)
@@ -208,7 +218,7 @@ class ProgressConsole:
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.line_every, self.poll = line_every, poll
-        self.board = _board_class().remote()
+        self.board = _board_on_this_node()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bar = None
