@@ -115,8 +115,11 @@ class FramePipeline:
         """One Ray Data block (one map task) per `block_rows` rows, in order."""
         import ray.data
 
+        from raydrive.data import executor_throttle
+
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
+        executor_throttle.install(ctx)  # the executor thread shares the trainer's CPU
         blocks = [rows.slice(i, block_rows) for i in range(0, rows.num_rows, block_rows)]
         ds = ray.data.from_arrow(blocks) if blocks else ray.data.from_arrow(rows)
         return ds.map_batches(
