@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from raydrive.data import geometry as geo
+from raydrive.data import synth_map
 from raydrive.data.constants import (
     ATTRIBUTES,
     CAMERAS,
@@ -402,6 +403,7 @@ def synthesize(cfg: SynthConfig) -> Path:
     ]
     locations = ("singapore-onenorth", "boston-seaport")
     map_logs: dict[str, list[str]] = {loc: [] for loc in locations}
+    map_scenes: dict[str, list[_Scene]] = {loc: [] for loc in locations}
 
     w, h = cfg.image_width, cfg.image_height
     az = np.linspace(-math.pi, math.pi, cfg.lidar_azimuths, endpoint=False)
@@ -420,6 +422,8 @@ def synthesize(cfg: SynthConfig) -> Path:
         log_token = _token("log", si)
         location = locations[si % 2]
         map_logs[location].append(log_token)
+        map_scenes[location].append(scene)
+        synth_map.write_can_bus(out, name, scene)
         t["log"].append(
             {
                 "token": log_token,
@@ -537,6 +541,8 @@ def synthesize(cfg: SynthConfig) -> Path:
                 "filename": f"maps/{map_token}.png",
             }
         )
+
+    synth_map.write_scene_maps(out, map_scenes)  # SparseDrive's map expansion, drawn under the ego paths
 
     for name, records in t.items():
         with open(version_dir / f"{name}.json", "w") as f:
