@@ -21,8 +21,9 @@ SPARSE4D_TINY = [
     "run.log_every=1",
 ]
 BEVDEPTH_TINY = ["data.cpus_per_task=0.25", "run.log_every=1"]
+STREAMPETR_TINY = ["data.cpus_per_task=0.25", "run.log_every=1"]
 # per model: the small preset shrunk for end-to-end tests (shared tests are parametrised over these)
-TINY = {"sparse4d": SPARSE4D_TINY, "bevdepth": BEVDEPTH_TINY}
+TINY = {"sparse4d": SPARSE4D_TINY, "bevdepth": BEVDEPTH_TINY, "streampetr": STREAMPETR_TINY}
 SMALL = dict(scenes=3, samples_per_scene=6, image_width=800, image_height=450, objects_per_scene=20, seed=3)
 
 
