@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,3 +306,161 @@ def test_missing_map_location_is_a_clear_error(nusc):
     sample = nusc.sample[0]
     with pytest.raises(DataError, match="maps/expansion"):
         sf.sparsedrive_fields(nusc, {}, sample["token"], _info(nusc, sample))
+
+
+# ---------------------------------------------------------------- in `raydrive prepare`
+
+
+def test_layer_patches_equal_the_devkit_explorer(nusc, maps):
+    """Prepare's indexed patch query gives the devkit's `_get_layer_*` geometries, byte for byte."""
+    for sample in nusc.sample[::3]:
+        info = _info(nusc, sample)
+        nusc_map = maps[info["location"]]
+        patch_box, angle = sf.patch_of(geo.lidar_to_global(info))
+        explorer = nusc_map.explorer
+        for layer in ("lane_divider", "road_divider"):
+            want = explorer._get_layer_line(patch_box, angle, layer)
+            assert [g.wkb for g in sf.layer_in_patch(nusc_map, patch_box, angle, layer)] == [g.wkb for g in want]
+        for layer in ("ped_crossing", "road_segment", "lane"):
+            want = explorer._get_layer_polygon(patch_box, angle, layer)
+            assert [g.wkb for g in sf.layer_in_patch(nusc_map, patch_box, angle, layer)] == [g.wkb for g in want]
+
+
+def test_prepared_records_carry_the_fields(nusc, synth_root, maps, prepared, records):
+    from nuscenes.can_bus.can_bus_api import NuScenesCanBus
+
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["sparsedrive"]["missing_map_locations"] == [] and manifest["sparsedrive"]["can_bus"] is True
+    can = NuScenesCanBus(dataroot=str(synth_root))
+    for rec in records["train"][::5] + records["val"][::5]:  # read back from parquet
+        want = sf.sparsedrive_fields(nusc, maps, rec["token"], rec, can_bus=can)
+        assert rec["has_map_annos"] is True and rec["has_futures"] is True
+        for key, value in want.items():
+            if isinstance(value, np.ndarray):
+                assert rec[key].dtype == value.dtype and rec[key].shape == value.shape, key
+                np.testing.assert_array_equal(rec[key], value, err_msg=key)
+        back = sf.map_annos_from_columns(rec)
+        assert sum(len(v) for v in back.values()) == len(rec["map_line_label"])
+
+
+def _tree_without_expansion(synth_root, root):
+    """The synthetic tree (linked, not copied) without maps/expansion/ and can_bus/."""
+    root.mkdir()
+    for entry in synth_root.iterdir():
+        if entry.name not in ("maps", "can_bus"):
+            (root / entry.name).symlink_to(entry)
+    (root / "maps").mkdir()
+    for png in (synth_root / "maps").glob("*.png"):
+        (root / "maps" / png.name).symlink_to(png)
+    return root
+
+
+def test_missing_map_expansion_degrades_then_fails_where_needed(synth_root, tmp_path, capsys):
+    from raydrive.data.assets import SPARSEDRIVE_ASSETS, ensure_assets
+    from raydrive.data.parquet import read_split, table_to_records
+    from raydrive.data.pkl_formats import write_pkl
+    from raydrive.data.prepare import PrepareConfig, prepare
+
+    root = _tree_without_expansion(synth_root, tmp_path / "root")
+    out = tmp_path / "prepared"
+    manifest = prepare(PrepareConfig(out=str(out), dataroot=str(root), show_progress=False, depth_gt=False, assets=()))
+    printed = capsys.readouterr().out
+    assert "have no map_annos: no map expansion for" in printed and "ego_status is zero" in printed
+    note = manifest["sparsedrive"]
+    assert note["map_locations"] == [] and note["can_bus"] is False and note["frames_without_map"] > 0
+    recs = table_to_records(read_split(out / "infos" / "train"))
+    assert all(not r["has_map_annos"] and len(r["map_points"]) == 0 for r in recs)
+    assert all(r["has_futures"] and not r["ego_status"].any() for r in recs)
+
+    # only what needs the map fails, with a named error that says what to install
+    with pytest.raises(sf.MissingSparseDriveData, match=r"maps/expansion/<location>\.json"):
+        ensure_assets(out, SPARSEDRIVE_ASSETS)
+    assert ensure_assets(out, ["sparsedrive_motion_6"])["sparsedrive_motion_6"].is_file()
+    with pytest.raises(sf.MissingSparseDriveData, match="map expansion"):
+        write_pkl(recs, "sparsedrive", tmp_path / "x.pkl", "v1.0-mini", str(root))
+
+
+def test_sparsedrive_pkl_round_trip(records, synth_root, tmp_path):
+    from raydrive.data.pkl_formats import records_from_pkl, write_pkl
+    from raydrive.safe_pickle import load_pickle
+
+    path = tmp_path / "nuscenes_infos_val.pkl"
+    write_pkl(records["val"], "sparsedrive", path, "v1.0-mini", str(synth_root))
+    with open(path, "rb") as f:
+        info = load_pickle(f)["infos"][0]
+    # upstream's converter keys and types
+    assert set(info["map_annos"]) == {0, 1, 2} and info["map_location"] == records["val"][0]["location"]
+    assert all(line.shape[1] == 2 for lines in info["map_annos"].values() for line in lines)
+    assert info["gt_agent_fut_trajs"].shape == (len(info["gt_boxes"]), 12, 2)
+    assert info["gt_ego_fut_cmd"].dtype == np.float32 and info["ego_status"].shape == (10,)
+
+    back, fmt, _ = records_from_pkl(path, str(synth_root))
+    assert fmt == "sparsedrive"
+    for a, b in zip(records["val"], back):
+        assert a["token"] == b["token"] and b["has_map_annos"] and b["has_futures"]
+        for key in ("map_points", "map_line_label", "map_line_num_points", "gt_agent_fut_trajs", "ego_status"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        for key in ("gt_agent_fut_masks", "gt_ego_fut_trajs", "gt_ego_fut_masks", "gt_ego_fut_cmd"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_pkls_without_the_fields_are_flagged(prepared, synth_root):
+    from raydrive.data.pkl_formats import records_from_pkl
+
+    for fmt in ("sparse4d", "bevdepth"):
+        back, _, _ = records_from_pkl(prepared / "pkl" / fmt / "nuscenes_infos_val.pkl", str(synth_root))
+        assert not any(r["has_map_annos"] or r["has_futures"] for r in back)
+        assert all(r["gt_agent_fut_trajs"].shape == (len(r["gt_boxes"]), 12, 2) for r in back)
+        with pytest.raises(sf.MissingSparseDriveData, match="without SparseDrive's futures"):
+            sf.require_sparsedrive_fields(back, "the test", ("has_futures",))
+
+
+def test_incomplete_sparsedrive_info_is_named(records, synth_root, tmp_path):
+    import pickle
+
+    from raydrive.data.pkl_formats import records_from_pkl, write_pkl
+    from raydrive.safe_pickle import load_pickle
+
+    path = tmp_path / "nuscenes_infos_val.pkl"
+    write_pkl(records["val"][:2], "sparsedrive", path, "v1.0-mini", str(synth_root))
+    with open(path, "rb") as f:
+        payload = load_pickle(f)
+    payload["infos"][1]["gt_agent_fut_trajs"] = payload["infos"][1]["gt_agent_fut_trajs"][:, :5]
+    path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(DataError, match=r"record 1 .*gt_agent_fut_trajs has shape"):
+        records_from_pkl(path, str(synth_root))
+
+
+def test_default_cache_without_map_expansion_is_rebuilt(tmp_path, monkeypatch):
+    """Caches written before the map expansion existed (and prepared sets of an older schema) are redone."""
+    from raydrive.data import default
+    from raydrive.data.parquet import SCHEMA_VERSION
+
+    calls = []
+
+    def fake_synth(cfg):
+        root = Path(cfg.out)
+        for marker in ("v1.0-mini/sample_data.json", "maps/expansion/boston-seaport.json", "can_bus/x.json"):
+            (root / marker).parent.mkdir(parents=True, exist_ok=True)
+            (root / marker).write_text("{}")
+        calls.append("synth")
+
+    def fake_prepare(cfg):
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION}))
+        calls.append("prepare")
+
+    monkeypatch.setattr(default, "synthesize", fake_synth)
+    monkeypatch.setattr(default, "prepare", fake_prepare)
+    dataroot, prepared = default.ensure_default_data(tmp_path, show_progress=False)
+    assert calls == ["synth", "prepare"]
+    default.ensure_default_data(tmp_path, show_progress=False)
+    assert calls == ["synth", "prepare"], "a current cache is reused"
+
+    shutil.rmtree(dataroot / "maps" / "expansion")  # an old cache
+    default.ensure_default_data(tmp_path, show_progress=False)
+    assert calls[2:] == ["synth", "prepare"] and (dataroot / "maps" / "expansion").is_dir()
+
+    (prepared / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION - 1}))
+    default.ensure_default_data(tmp_path, show_progress=False)
+    assert calls[4:] == ["prepare"]

@@ -1,10 +1,10 @@
 """Prepared assets: files a model needs besides the info records, each made by a registered step.
 
 A model's spec names its assets (`ModelSpec.assets`); `raydrive prepare` runs the steps of the models
-it prepares for, and `train` runs any step whose file is missing before Ray starts, so a model
-never trains without its assets and no one prepares what no model uses. Each step reads the
-train split's records and returns an array; the file is written atomically and listed in the
-manifest with its shape and sha256. The asset's path is defined here, once.
+it prepares for (all registered models by default), and `train` runs any step whose file is missing
+before Ray starts, so a model never trains without its assets and no one prepares what no model uses.
+Each step reads the train split's records and returns an array; the file is written atomically and
+listed in the manifest with its shape and sha256. The asset's path is defined here, once.
 """
 
 from __future__ import annotations
@@ -48,6 +48,64 @@ DET_ANCHORS_900 = register_asset(
 )
 
 
+def _kmeans_step(recipe: str) -> Callable[[list[dict]], np.ndarray]:
+    """A step running one of `kmeans.py`'s recipes (imported when run: it needs sklearn)."""
+
+    def make(records: list[dict]) -> np.ndarray:
+        from raydrive.data import kmeans
+
+        return getattr(kmeans, recipe)(records)
+
+    make.__name__ = f"_{recipe}"
+    return make
+
+
+# SparseDrive: upstream tools/kmeans/*.py and their output names under data/kmeans/
+SPARSEDRIVE_DET_900 = register_asset(
+    Asset(
+        "sparsedrive_det_900",
+        "kmeans/kmeans_det_900.npy",
+        _kmeans_step("det_anchors"),
+        "SparseDrive k-means box anchors (900 x 11)",
+    )
+)
+SPARSEDRIVE_MAP_100 = register_asset(
+    Asset(
+        "sparsedrive_map_100",
+        "kmeans/kmeans_map_100.npy",
+        _kmeans_step("map_anchors"),
+        "SparseDrive k-means map polyline anchors (100 x 20 x 2)",
+    )
+)
+SPARSEDRIVE_MOTION_6 = register_asset(
+    Asset(
+        "sparsedrive_motion_6",
+        "kmeans/kmeans_motion_6.npy",
+        _kmeans_step("motion_anchors"),
+        "SparseDrive k-means agent motion modes (10 classes x 6 x 12 x 2)",
+    )
+)
+SPARSEDRIVE_PLAN_6 = register_asset(
+    Asset(
+        "sparsedrive_plan_6",
+        "kmeans/kmeans_plan_6.npy",
+        _kmeans_step("plan_anchors"),
+        "SparseDrive k-means ego plan modes (3 commands x 6 x 6 x 2)",
+    )
+)
+SPARSEDRIVE_ASSETS: tuple[str, ...] = tuple(
+    a.name for a in (SPARSEDRIVE_DET_900, SPARSEDRIVE_MAP_100, SPARSEDRIVE_MOTION_6, SPARSEDRIVE_PLAN_6)
+)
+
+
+def models_assets() -> tuple[str, ...]:
+    """The assets of every registered model: what a prepare for all models makes. An asset no model
+    names (yet) is made only on request (`PrepareConfig.assets`, `ensure_assets`)."""
+    from raydrive.trainers import get_spec, list_models
+
+    return tuple(dict.fromkeys(a for m in list_models() for a in get_spec(m).assets))
+
+
 def get_asset(name: str) -> Asset:
     if name not in ASSETS:
         raise DataError(f"unknown prepared asset {name!r}; registered: {', '.join(sorted(ASSETS))}")
@@ -55,13 +113,17 @@ def get_asset(name: str) -> Asset:
 
 
 def make_assets(names: Iterable[str], train_records: list[dict], out: Path) -> dict[str, dict]:
-    """Run the steps of `names` on the train records; returns their manifest entries."""
-    entries = {}
+    """Run the steps of `names` on the train records; returns their manifest entries. Every step runs
+    before any file is written, so a failing one leaves no file that the manifest does not list."""
+    arrays = {}
     for name in names:
         asset = get_asset(name)
         if not train_records:
             raise DataError(f"asset {name} ({asset.description}) needs a train split with frames")
-        array = asset.make(train_records)
+        arrays[name] = asset.make(train_records)
+    entries = {}
+    for name, array in arrays.items():
+        asset = get_asset(name)
         path = Path(out) / asset.path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".partial.npy")

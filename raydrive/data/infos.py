@@ -17,8 +17,12 @@ A record is a plain dict of numpy arrays and strings. Field names follow the ups
   `ann2d_bbox` (xyxy, hull of the projected corners clipped to the image), `ann2d_label` (converter
   order), `ann2d_center` (u, v), `ann2d_depth`, `ann2d_box3d_cam`, `ann2d_visibility`
 
-SparseDrive's extras (map vectors, future trajectories, ego status) are added as more fields later;
-the parquet schema carries a version so readers can tell.
+- SparseDrive's extras, added by `sparsedrive_fields.add_sparsedrive_fields` after `build_infos`:
+  `map_points` / `map_line_label` / `map_line_num_points` (its `map_annos`, flattened),
+  `gt_agent_fut_trajs` / `_masks`, `gt_ego_fut_trajs` / `_masks`, `gt_ego_fut_cmd`, `ego_status`, and the
+  flags `has_map_annos` / `has_futures` (False where the input lacked them)
+
+The parquet schema carries a version (`parquet.SCHEMA_VERSION`) so that readers can tell.
 """
 
 from __future__ import annotations

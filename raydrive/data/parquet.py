@@ -2,7 +2,9 @@
 
 Fixed shapes (poses, the 6 cameras' matrices) are arrow fixed-shape tensors, which Ray Data reads as
 proper (N, ...) numpy arrays; per-box fields are lists of fixed-size lists (ragged over boxes, fixed
-inside). Per-camera fields are stacked in CAMERAS order under a `cam_` prefix. A split is written
+inside). SparseDrive's map polylines are one ragged list of points plus, per polyline, its class and
+point count (`sparsedrive_fields.map_columns`). Per-camera fields are stacked in CAMERAS order under a
+`cam_` prefix. A split is written
 as several `part-*.parquet` files so that a cluster can read them in parallel.
 """
 
@@ -18,8 +20,9 @@ import pyarrow.parquet as pq
 
 from raydrive.data.constants import CAMERAS, NUM_CAMS
 from raydrive.data.infos import DataError
+from raydrive.data.sparsedrive_fields import AGENT_FUT_STEPS, EGO_FUT_STEPS, EGO_STATUS_DIM
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: SparseDrive's map, future and ego-status columns
 ROWS_PER_FILE = 2000
 
 
@@ -92,6 +95,18 @@ COLUMNS: tuple[Col, ...] = (
     Col("ann2d_depth", "ragged", "float64"),
     Col("ann2d_box3d_cam", "ragged", "float64", (7,)),
     Col("ann2d_visibility", "ragged", "int8"),
+    # SparseDrive (sparsedrive_fields.py): map_annos flattened, futures, driving command, CAN ego status
+    Col("has_map_annos", "scalar", "bool"),
+    Col("map_points", "ragged", "float64", (2,)),
+    Col("map_line_label", "ragged", "int8"),
+    Col("map_line_num_points", "ragged", "int32"),
+    Col("has_futures", "scalar", "bool"),
+    Col("gt_agent_fut_trajs", "ragged", "float32", (AGENT_FUT_STEPS, 2)),
+    Col("gt_agent_fut_masks", "ragged", "float32", (AGENT_FUT_STEPS,)),
+    Col("gt_ego_fut_trajs", "tensor", "float32", (EGO_FUT_STEPS, 2)),
+    Col("gt_ego_fut_masks", "tensor", "float32", (EGO_FUT_STEPS,)),
+    Col("gt_ego_fut_cmd", "tensor", "float32", (3,)),
+    Col("ego_status", "tensor", "float32", (EGO_STATUS_DIM,)),
 )
 
 

@@ -5,6 +5,11 @@
 - `streampetr`: the same plus `scene_token`, `prev`, `next`, `frame_idx` and per-camera lists (6) of
   `bboxes2d`, `labels2d`, `centers2d`, `depths`, `bboxes_ignore`, `visibilities`, `bboxes3d_cams`
   (StreamPETR `tools/data_converter/nuscenes_converter.py`).
+- `sparsedrive`: the `sparse4d` layout plus `scene_token`, `map_location`, `map_annos` ({0 ped_crossing,
+  1 divider, 2 boundary: [(n, 2) polylines]}), `gt_agent_fut_trajs` / `_masks`, `gt_ego_fut_trajs` /
+  `_masks`, `gt_ego_fut_cmd` and `ego_status` (SparseDrive `tools/data_converter/nuscenes_converter.py`).
+  Read from any mmdet3d-style pkl that has them; records from pkls without them are flagged
+  (`has_map_annos`, `has_futures` False, see `sparsedrive_fields.py`).
 - `bevdepth`: a plain list of `{sample_token, timestamp, scene_token, cam_infos, lidar_infos,
   cam_sweeps, lidar_sweeps, ann_infos}` with raw devkit records (BEVDepth `scripts/gen_info.py`).
   Calibration and ego-pose records carry their values; their tokens are not kept by raydrive and are
@@ -21,13 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from raydrive.data import geometry as geo
+from raydrive.data import sparsedrive_fields as sd
 from raydrive.data.constants import CAMERAS, LIDAR
 from raydrive.data.infos import DataError, class_name
 from raydrive.safe_pickle import load_pickle
 
-FORMATS = ("sparse4d", "streampetr", "bevdepth")
+FORMATS = ("sparse4d", "streampetr", "bevdepth", "sparsedrive")
 FILE_NAMES = {
     "sparse4d": "nuscenes_infos_{split}.pkl",
+    "sparsedrive": "nuscenes_infos_{split}.pkl",  # upstream's --extra-tag nuscenes, under data/infos/
     "streampetr": "nuscenes2d_temporal_infos_{split}.pkl",
     "bevdepth": "nuscenes_infos_{split}.pkl",
 }
@@ -120,6 +127,28 @@ def _streampetr_info(rec: dict, dataroot: str) -> dict:
     return info
 
 
+def _sparsedrive_info(rec: dict, dataroot: str) -> dict:
+    info = _mmdet3d_info(rec, dataroot)
+    info.update(
+        scene_token=rec["scene_token"],
+        map_location=rec["location"],
+        map_annos=sd.map_annos_from_columns(rec),
+        **{k: np.asarray(rec[k], dtype=np.float32) for k in _SPARSEDRIVE_ARRAYS},
+    )
+    return info
+
+
+# SparseDrive's float32 arrays of an info: (per box, shape after the box count when per box)
+_SPARSEDRIVE_ARRAYS: dict[str, tuple[bool, tuple[int, ...]]] = {
+    "gt_agent_fut_trajs": (True, (sd.AGENT_FUT_STEPS, 2)),
+    "gt_agent_fut_masks": (True, (sd.AGENT_FUT_STEPS,)),
+    "gt_ego_fut_trajs": (False, (sd.EGO_FUT_STEPS, 2)),
+    "gt_ego_fut_masks": (False, (sd.EGO_FUT_STEPS,)),
+    "gt_ego_fut_cmd": (False, (len(sd.COMMANDS),)),
+    "ego_status": (False, (sd.EGO_STATUS_DIM,)),
+}
+
+
 def _bevdepth_info(rec: dict) -> dict:
     def sensor_info(entry: dict, is_cam: bool) -> dict:
         out = {
@@ -187,10 +216,12 @@ def _bevdepth_info(rec: dict) -> dict:
 def write_pkl(records: list[dict], fmt: str, path: Path, version: str, dataroot: str) -> None:
     if fmt not in FORMATS:
         raise DataError(f"unknown --pkl-format {fmt!r}; choose from {FORMATS}")
+    if fmt == "sparsedrive":
+        sd.require_sparsedrive_fields(records, f"--pkl-format sparsedrive ({path.name})")
     if fmt == "bevdepth":
         payload = [_bevdepth_info(r) for r in records]
     else:
-        make = _mmdet3d_info if fmt == "sparse4d" else _streampetr_info
+        make = {"sparse4d": _mmdet3d_info, "streampetr": _streampetr_info, "sparsedrive": _sparsedrive_info}[fmt]
         payload = {"infos": [make(r, dataroot) for r in records], "metadata": {"version": version}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -229,7 +260,11 @@ def detect_format(payload) -> str:
         return "bevdepth"
     if isinstance(payload, dict) and "infos" in payload:
         infos = payload["infos"]
-        return "streampetr" if infos and "bboxes2d" in infos[0] else "sparse4d"
+        if infos and "bboxes2d" in infos[0]:
+            return "streampetr"
+        if infos and ("map_annos" in infos[0] or "gt_ego_fut_trajs" in infos[0]):
+            return "sparsedrive"
+        return "sparse4d"
     raise DataError(
         "unrecognised info pkl layout: expected {'infos': [...], 'metadata': ...} (Sparse4D / StreamPETR) "
         "or a list of records with 'cam_infos' (BEVDepth)"
@@ -368,7 +403,38 @@ def _from_mmdet3d(info: dict, i: int, path, dataroot) -> dict:
     )
     rec.update(_global_annotations(boxes, vel, lidar2global, names))
     rec.update(_ann2d_from_streampetr(info, n))
+    rec.update(_sparsedrive_from_info(info, n, f"record {i} (token {token}) of {path}"))
     return rec
+
+
+def _polyline(line) -> np.ndarray:
+    """An upstream map polyline as (n, 2) float64 (shapely coords may carry a z)."""
+    arr = np.asarray(line, dtype=np.float64)
+    return arr.reshape(len(arr), -1)[:, :2]
+
+
+def _sparsedrive_from_info(info: dict, n: int, where: str) -> dict:
+    """SparseDrive's columns from an info that has them (SparseDrive's converter), else the empty ones."""
+    out = sd.empty_map_columns()
+    if "map_annos" in info:
+        annos = info["map_annos"]
+        if not isinstance(annos, dict):
+            raise DataError(f"{where}: map_annos is a {type(annos).__name__}, expected {{class index: [polylines]}}")
+        lines = {int(k): [_polyline(line) for line in v] for k, v in annos.items()}
+        out = {**sd.map_columns(lines), "has_map_annos": True}
+    out.update(sd.empty_future_columns(n))
+    if "gt_ego_fut_trajs" not in info:
+        return out
+    for key, (per_box, shape) in _SPARSEDRIVE_ARRAYS.items():
+        if key not in info:
+            raise DataError(f"{where} has gt_ego_fut_trajs but no {key!r}: is it a complete SparseDrive info?")
+        value = np.asarray(info[key], dtype=np.float32)
+        want = (n, *shape) if per_box else shape
+        if value.size != int(np.prod(want)):
+            raise DataError(f"{where}: {key} has shape {value.shape}, expected {want}")
+        out[key] = value.reshape(want)
+    out["has_futures"] = True
+    return out
 
 
 def _image_size(cam: dict, data_path: str, dataroot) -> tuple[int, int]:
@@ -512,6 +578,7 @@ def _from_bevdepth(info: dict, i: int, path, dataroot=None) -> dict:
         ann_velocity=vel3,
     )
     rec.update(_ann2d_from_streampetr({}, n))
+    rec.update({**sd.empty_map_columns(), **sd.empty_future_columns(n)})
     return rec
 
 

@@ -2,10 +2,12 @@
 
 Output folder layout:
 
-    manifest.json                      version, counts, classes, file hashes (written last)
+    manifest.json                      version, counts, classes, file hashes, what SparseDrive's fields
+                                       lack (`sparsedrive`, see sparsedrive_fields.py); written last
     infos/<split>/part-00000.parquet   canonical info records (see `infos.py`, `parquet.py`)
     depth_gt/<image name>.bin          BEVDepth depth ground truth, float32 (u, v, depth) rows
     anchors/nuscenes_kmeans900.npy     assets the models need (`assets.py`), e.g. Sparse4D's k-means anchors
+    kmeans/kmeans_*.npy                SparseDrive's k-means anchors (`kmeans.py`), when a model needs them
     pkl/<format>/<file>.pkl            optional upstream info pkls (--pkl-format)
 
 Everything is built in a staging folder next to `--out` (`.<name>.staging-<pid>`) and swapped in only
@@ -27,12 +29,13 @@ from pathlib import Path
 import numpy as np
 
 import raydrive
-from raydrive.data.assets import ASSETS, make_assets
+from raydrive.data.assets import make_assets, models_assets
 from raydrive.data.constants import CAMERAS, CLASSES
 from raydrive.data.depth_gt import write_depth_gt
 from raydrive.data.infos import DataError, build_infos, check_files
 from raydrive.data.parquet import SCHEMA_VERSION, sha256_file, write_split
 from raydrive.data.pkl_formats import FILE_NAMES, FORMATS, records_from_pkl, write_pkl
+from raydrive.data.sparsedrive_fields import add_sparsedrive_fields, fields_note, note_warnings
 
 MANIFEST = "manifest.json"
 
@@ -46,7 +49,7 @@ class PrepareConfig:
     split: str | None = None  # with --from-pkl: which split the pkl holds (default: from its name)
     pkl_formats: list[str] = field(default_factory=list)
     depth_gt: bool = True
-    assets: tuple[str, ...] | None = None  # registered asset names (data/assets.py); None: all of them
+    assets: tuple[str, ...] | None = None  # registered asset names (data/assets.py); None: every model's
     max_sweeps: int = 10
     show_progress: bool = True
 
@@ -139,6 +142,7 @@ def _build(cfg: PrepareConfig, out: Path) -> dict:
         source = {"kind": "pkl", "path": str(Path(cfg.from_pkl).resolve()), "format": fmt}
         version = version if version != "unknown" else cfg.version
         checked = check_files(records, dataroot, cfg.show_progress)
+        sparsedrive = fields_note(records)
     else:
         from nuscenes.nuscenes import NuScenes
 
@@ -152,7 +156,9 @@ def _build(cfg: PrepareConfig, out: Path) -> dict:
         splits = build_infos(nusc, cfg.version, cfg.max_sweeps, cfg.show_progress)
         source = {"kind": "nuscenes", "path": str(dataroot)}
         version = cfg.version
-        checked = check_files([r for recs in splits.values() for r in recs], dataroot, cfg.show_progress)
+        all_records = [r for recs in splits.values() for r in recs]
+        sparsedrive = add_sparsedrive_fields(nusc, dataroot, all_records, cfg.show_progress)
+        checked = check_files(all_records, dataroot, cfg.show_progress)
 
     manifest: dict = {
         "format": "raydrive-prepared",
@@ -165,7 +171,10 @@ def _build(cfg: PrepareConfig, out: Path) -> dict:
         "classes": list(CLASSES),
         "cameras": list(CAMERAS),
         "splits": {},
+        "sparsedrive": sparsedrive,
     }
+    for warning in note_warnings(sparsedrive):
+        print(f"prepare: warning: {warning}")
     nan_files = checked.get("lidar_nan", [])
     if nan_files:
         manifest["lidar_nan"] = nan_files
@@ -187,7 +196,7 @@ def _build(cfg: PrepareConfig, out: Path) -> dict:
         depth_dir = out / "depth_gt"
         n = sum(write_depth_gt(recs, dataroot, depth_dir, cfg.show_progress) for recs in splits.values())
         manifest["depth_gt"] = {"dir": "depth_gt", "files": n}
-    assets = sorted(ASSETS) if cfg.assets is None else cfg.assets
+    assets = models_assets() if cfg.assets is None else cfg.assets
     if assets and "train" in splits:
         made = make_assets(assets, splits["train"], out)
         manifest["assets"] = {name: _stamp(out, entry) for name, entry in made.items()}

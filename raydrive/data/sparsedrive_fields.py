@@ -5,7 +5,7 @@
   lane and road dividers; crossings are closed counter-clockwise contours (nearly parallel crossings
   whose boxes overlap merged first); boundaries are the contours of the union of road segments and
   lanes, clipped 0.2 m inside the patch, exteriors clockwise (drivable area on their right) and holes
-  counter-clockwise. Geometry comes from the devkit's `NuScenesMapExplorer`, as upstream.
+  counter-clockwise. Geometry is what the devkit's `NuScenesMapExplorer` gives, as upstream.
 - agent futures: per box 12 steps (6 s at 2 Hz) of xy offsets in the lidar frame (the first from the
   current centre) and a mask, from the annotations that follow the box (the devkit's PredictHelper rule).
 - ego futures: 6 steps (3 s) of offsets between the future lidar origins in the current lidar frame and
@@ -15,17 +15,27 @@
 - `ego_status` (10): CAN bus acceleration (3), rotation rate (3), velocity (3) and steering angle at
   the nearest messages; zeros where the scene has no CAN data, as upstream.
 
-`sparsedrive_fields` returns parquet-friendly columns (`map_annos` flattened, see `map_columns`).
+`sparsedrive_fields` returns parquet-friendly columns (`map_annos` flattened, see `map_columns`);
+`add_sparsedrive_fields` fills them into every record `raydrive prepare` builds.
+
+Missing inputs degrade instead of failing prepare, which also serves the models that need none of this:
+a location without a map expansion file gives frames with no polylines and `has_map_annos` False, a
+tree without CAN bus gives zero `ego_status` (as upstream), and records read from pkls that lack the
+futures carry `has_futures` False. Prepare warns and notes it in the manifest (`sparsedrive`); the steps
+that need the fields (SparseDrive's k-means assets, its model) call `require_sparsedrive_fields`, which
+raises `MissingSparseDriveData` naming what to install.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from shapely import ops
-from shapely.geometry import LinearRing, LineString, Polygon, box
+from shapely import affinity, ops
+from shapely.geometry import LinearRing, LineString, MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 from shapely.strtree import STRtree
 
@@ -69,6 +79,48 @@ def patch_of(lidar2global: np.ndarray, roi_size: tuple[float, float] = ROI_SIZE)
     yaw = math.atan2(lidar2global[1, 0], lidar2global[0, 0])
     x, y = float(lidar2global[0, 3]), float(lidar2global[1, 3])
     return (x, y, roi_size[1], roi_size[0]), math.degrees(yaw)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    geoms: list[BaseGeometry]  # record order; only what the devkit keeps (valid polygons, non-empty lines)
+    tree: STRtree
+
+
+_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # NuScenesMap -> {layer: _Layer}
+
+
+def _layer(nusc_map, name: str) -> _Layer:
+    """A layer's geometries, built once per map: the devkit rebuilds every record's shape per query."""
+    cache = _LAYERS.setdefault(nusc_map, {})
+    if name not in cache:
+        records = getattr(nusc_map, name)
+        if name in nusc_map.non_geometric_line_layers:
+            geoms = [g for g in (nusc_map.extract_line(r["line_token"]) for r in records) if not g.is_empty]
+        else:
+            geoms = [g for g in (nusc_map.extract_polygon(r["polygon_token"]) for r in records) if g.is_valid]
+        cache[name] = _Layer(geoms, STRtree(geoms))
+    return cache[name]
+
+
+def layer_in_patch(nusc_map, patch_box: tuple, angle: float, name: str) -> list[BaseGeometry]:
+    """What the devkit's `_get_layer_polygon` / `_get_layer_line` return, in the same order and with
+    the same shapely operations, but intersecting only the records whose bounding box meets the patch
+    (the others give empty pieces, which the devkit drops): prepare runs this for every key frame."""
+    layer = _layer(nusc_map, name)
+    patch = nusc_map.explorer.get_patch_coord(patch_box, angle)
+    x, y = patch_box[0], patch_box[1]
+    out: list[BaseGeometry] = []
+    for i in sorted(int(k) for k in layer.tree.query(patch)):
+        piece = layer.geoms[i].intersection(patch)
+        if piece.is_empty:
+            continue
+        piece = affinity.rotate(piece, -angle, origin=(x, y), use_radians=False)
+        piece = affinity.affine_transform(piece, [1.0, 0.0, 0.0, 1.0, -x, -y])
+        if piece.geom_type == "Polygon":
+            piece = MultiPolygon([piece])
+        out.append(piece)
+    return out
 
 
 def _long_side(poly: Polygon) -> np.ndarray:
@@ -141,20 +193,20 @@ def boundary_lines(drivable: list[Polygon], roi_size: tuple[float, float] = ROI_
 
 
 def map_geometries(nusc_map, lidar2global: np.ndarray, roi_size: tuple[float, float] = ROI_SIZE) -> dict:
-    """Dividers, crossing contours and boundaries (shapely, lidar frame) around one lidar pose."""
-    explorer = nusc_map.explorer
+    """Dividers, crossing contours and boundaries (shapely, lidar frame) around one lidar pose, from the
+    devkit's layer patches (`layer_in_patch`)."""
     patch_box, angle = patch_of(lidar2global, roi_size)
-    dividers = explorer._get_layer_line(patch_box, angle, "lane_divider")
-    dividers += explorer._get_layer_line(patch_box, angle, "road_divider")
+    dividers = layer_in_patch(nusc_map, patch_box, angle, "lane_divider")
+    dividers += layer_in_patch(nusc_map, patch_box, angle, "road_divider")
     divider_lines = [g for line in dividers for g in split_geoms(line)]
 
-    crossings = [g for p in explorer._get_layer_polygon(patch_box, angle, "ped_crossing") for g in split_geoms(p)]
+    crossings = [g for p in layer_in_patch(nusc_map, patch_box, angle, "ped_crossing") for g in split_geoms(p)]
     local_patch = box(-roi_size[0] / 2, -roi_size[1] / 2, roi_size[0] / 2, roi_size[1] / 2)
     contours = [crossing_contour(p, local_patch) for p in merge_parallel_crossings(crossings)]
 
     # SparseDrive takes road segments and lanes as the drivable area, not the devkit's drivable_area layer.
-    roads = explorer._get_layer_polygon(patch_box, angle, "road_segment")
-    lanes = explorer._get_layer_polygon(patch_box, angle, "lane")
+    roads = layer_in_patch(nusc_map, patch_box, angle, "road_segment")
+    lanes = layer_in_patch(nusc_map, patch_box, angle, "lane")
     drivable = split_geoms(ops.unary_union([ops.unary_union(roads), ops.unary_union(lanes)]))
     return {
         "ped_crossing": [c for c in contours if c is not None],
@@ -176,8 +228,8 @@ def map_columns(annos: dict) -> dict:
     lines = [(label, np.asarray(line, dtype=np.float64)) for label in sorted(annos) for line in annos[label]]
     return {
         "map_points": np.concatenate([p for _, p in lines]).reshape(-1, 2) if lines else np.zeros((0, 2)),
-        "map_line_label": np.array([label for label, _ in lines], dtype=np.int64),
-        "map_line_num_points": np.array([len(p) for _, p in lines], dtype=np.int64),
+        "map_line_label": np.array([label for label, _ in lines], dtype=np.int8),
+        "map_line_num_points": np.array([len(p) for _, p in lines], dtype=np.int32),
     }
 
 
@@ -324,6 +376,46 @@ def ego_status(can_bus, scene_name: str, timestamp: int) -> np.ndarray:
 # ---------------------------------------------------------------- all together
 
 
+class MissingSparseDriveData(DataError):
+    """A step that needs SparseDrive's fields met records prepared without them."""
+
+
+# what a record has in place of the fields when an input is missing (see the module docstring)
+FLAG_FIELDS: tuple[str, ...] = ("has_map_annos", "has_futures")
+
+
+def empty_map_columns() -> dict:
+    """Map columns of a frame whose location has no map expansion."""
+    return {**map_columns({}), "has_map_annos": False}
+
+
+def empty_future_columns(num_boxes: int) -> dict:
+    """Future and status columns of a record that carries none (masks zero, straight command)."""
+    return {
+        "gt_agent_fut_trajs": np.zeros((num_boxes, AGENT_FUT_STEPS, 2), np.float32),
+        "gt_agent_fut_masks": np.zeros((num_boxes, AGENT_FUT_STEPS), np.float32),
+        "gt_ego_fut_trajs": np.zeros((EGO_FUT_STEPS, 2), np.float32),
+        "gt_ego_fut_masks": np.zeros(EGO_FUT_STEPS, np.float32),
+        "gt_ego_fut_cmd": driving_command(np.zeros(2)),
+        "ego_status": np.zeros(EGO_STATUS_DIM, np.float32),
+        "has_futures": False,
+    }
+
+
+def _future_columns(nusc, sample_token: str, info: dict, can_bus) -> dict:
+    agent_trajs, agent_masks = agent_futures(nusc, info)
+    ego_trajs, ego_masks, command = ego_futures(nusc, sample_token)
+    return {
+        "gt_agent_fut_trajs": agent_trajs,
+        "gt_agent_fut_masks": agent_masks,
+        "gt_ego_fut_trajs": ego_trajs,
+        "gt_ego_fut_masks": ego_masks,
+        "gt_ego_fut_cmd": command,
+        "ego_status": ego_status(can_bus, info["scene_name"], int(info["timestamp"])),
+        "has_futures": True,
+    }
+
+
 def sparsedrive_fields(nusc, nusc_maps: dict, sample_token: str, info: dict, can_bus=None) -> dict:
     """SparseDrive's extra columns for the canonical record `info` of key frame `sample_token`."""
     location = info["location"]
@@ -332,15 +424,92 @@ def sparsedrive_fields(nusc, nusc_maps: dict, sample_token: str, info: dict, can
             f"no map expansion for location {location!r} (sample {sample_token}); SparseDrive needs "
             f"maps/expansion/{location}.json under the dataroot (nuScenes map expansion v1.3)"
         )
-    lidar2global = geo.lidar_to_global(info)
-    agent_trajs, agent_masks = agent_futures(nusc, info)
-    ego_trajs, ego_masks, command = ego_futures(nusc, sample_token)
+    annos = map_annos(nusc_maps[location], geo.lidar_to_global(info))
+    return {**map_columns(annos), "has_map_annos": True, **_future_columns(nusc, sample_token, info, can_bus)}
+
+
+def load_can_bus(dataroot: str | Path):
+    """The devkit's `NuScenesCanBus` when the tree has a `can_bus/` folder, else None."""
+    if not (Path(dataroot) / "can_bus").is_dir():
+        return None
+    from nuscenes.can_bus.can_bus_api import NuScenesCanBus
+
+    return NuScenesCanBus(dataroot=str(dataroot))
+
+
+def add_sparsedrive_fields(nusc, dataroot: str | Path, records: list[dict], show_progress: bool = True) -> dict:
+    """Fill SparseDrive's columns into `records` (in place); returns the manifest's `sparsedrive` note.
+
+    A location without a map expansion gives empty map columns, no CAN bus zero `ego_status`: both
+    are listed in the note, for prepare to warn about.
+    """
+    from tqdm import tqdm
+
+    locations = sorted({r["location"] for r in records})
+    maps = load_maps(dataroot, locations)
+    can_bus = load_can_bus(dataroot)
+    for rec in tqdm(records, desc="prepare: sparsedrive fields", unit="frame", disable=not show_progress):
+        if rec["location"] in maps:
+            rec.update(sparsedrive_fields(nusc, maps, rec["token"], rec, can_bus))
+        else:
+            rec.update(empty_map_columns())
+            rec.update(_future_columns(nusc, rec["token"], rec, can_bus))
+    missing = [loc for loc in locations if loc not in maps]
     return {
-        **map_columns(map_annos(nusc_maps[location], lidar2global)),
-        "gt_agent_fut_trajs": agent_trajs,
-        "gt_agent_fut_masks": agent_masks,
-        "gt_ego_fut_trajs": ego_trajs,
-        "gt_ego_fut_masks": ego_masks,
-        "gt_ego_fut_cmd": command,
-        "ego_status": ego_status(can_bus, info["scene_name"], int(info["timestamp"])),
+        "map_locations": sorted(maps),
+        "missing_map_locations": missing,
+        "frames_without_map": sum(not r["has_map_annos"] for r in records),
+        "frames_without_futures": 0,
+        "can_bus": can_bus is not None,
     }
+
+
+def fields_note(records: list[dict]) -> dict:
+    """The manifest's `sparsedrive` note for records read from a pkl (no tree to look into)."""
+    no_map = sorted({r["location"] or "(unknown)" for r in records if not r.get("has_map_annos", False)})
+    return {
+        "map_locations": sorted({r["location"] for r in records if r.get("has_map_annos", False)}),
+        "missing_map_locations": no_map,
+        "frames_without_map": sum(not r.get("has_map_annos", False) for r in records),
+        "frames_without_futures": sum(not r.get("has_futures", False) for r in records),
+        "can_bus": None,  # a pkl carries ego_status as its converter wrote it
+    }
+
+
+def note_warnings(note: dict) -> list[str]:
+    """Prepare's warnings for a `sparsedrive` note: what SparseDrive will lack."""
+    out = []
+    if note["frames_without_map"]:
+        where = ", ".join(note["missing_map_locations"])
+        out.append(
+            f"{note['frames_without_map']} frames have no map_annos: no map expansion for {where} "
+            f"(maps/expansion/<location>.json, nuScenes map expansion v1.3); SparseDrive cannot train on them"
+        )
+    if note["frames_without_futures"]:
+        out.append(
+            f"{note['frames_without_futures']} frames have no future trajectories (their source carries "
+            f"none); SparseDrive's motion and planning cannot train on them"
+        )
+    if note["can_bus"] is False:
+        out.append("no can_bus/ folder under the dataroot: ego_status is zero (nuScenes CAN bus expansion)")
+    return out
+
+
+def require_sparsedrive_fields(records: list[dict], what: str, needs: tuple[str, ...] = FLAG_FIELDS) -> None:
+    """Raise `MissingSparseDriveData` when a record lacks a field group `what` needs (its flags `needs`)."""
+    for flag in needs:
+        lacking = [r for r in records if not r.get(flag, False)]
+        if not lacking:
+            continue
+        if flag == "has_map_annos":
+            where = sorted({r.get("location") or "(unknown)" for r in lacking})
+            fix = (
+                f"no map expansion for location(s) {', '.join(where)}: put the nuScenes map expansion v1.3 "
+                f"(maps/expansion/<location>.json) under the dataroot and run `raydrive prepare` again"
+            )
+        else:
+            fix = (
+                "they were read from an info pkl without SparseDrive's futures: prepare from the nuScenes "
+                "tree, or from an info pkl written by SparseDrive's converter"
+            )
+        raise MissingSparseDriveData(f"{what} needs SparseDrive's fields, but {len(lacking)} frames lack them: {fix}")
