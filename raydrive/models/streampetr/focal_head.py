@@ -386,9 +386,9 @@ class FocalHead(nn.Module):
         heatmaps = []
         feat_hw = (pad_h // self.stride, pad_w // self.stride)
         for i, gt in enumerate(self.image_targets(batch, num_cams)):
-            gt_bboxes = gt["bboxes"].to(device=device, dtype=torch.float32)
+            gt_bboxes = gt["bboxes"].to(device=device, dtype=bbox_preds.dtype)
             gt_labels = gt["labels"].to(device=device, dtype=torch.long)
-            gt_centers = gt["centers"].to(device=device, dtype=torch.float32)
+            gt_centers = gt["centers"].to(device=device, dtype=bbox_preds.dtype)
             tok, idx = self.assigner.assign(
                 cls_scores[i], bbox_preds[i], centers_preds[i], gt_bboxes, gt_labels, gt_centers, (pad_h, pad_w)
             )
@@ -402,7 +402,7 @@ class FocalHead(nn.Module):
         bbox_preds = bbox_preds.reshape(-1, 4)
         bbox_targets = bbox_targets.reshape(-1, 4)
         pos = pos.flatten()
-        weights = pos.float()
+        weights = pos.to(bbox_preds.dtype)
         num_pos = int(pos.sum())
 
         # GIoU in pixels over the matched tokens (upstream weights the others by 0); mmdet's GIoULoss

@@ -476,7 +476,7 @@ class StreamPETRHead(nn.Module):
         position_range: (B, L, D * 3) -> MLP -> (B, L, C). The cone (B, L, 8) feeds spatial alignment:
         |fx|, |fy| / 1000, the normalised point at the last depth and at depth bin D - 30 (34 of 64)."""
         B, N, h, w = shape
-        device = self.coords_d.device
+        device, dtype = self.coords_d.device, self.coords_d.dtype  # fp32 in training (geometry out of AMP)
         eps = 1e-5
         pad_hw = batch.get("pad_hw")
         if pad_hw is None:
@@ -495,14 +495,14 @@ class StreamPETRHead(nn.Module):
         uv = centres.unsqueeze(2) * torch.clamp(depth, min=eps)
         coords = torch.cat([uv, depth, torch.ones_like(depth)], dim=-1)  # (B, L, D, 4)
         with torch.autocast(device_type=device.type, enabled=False):  # geometry stays fp32 under AMP
-            img2lidar = batch["lidar2img"].to(device=device, dtype=torch.float32).inverse()  # (B, N, 4, 4)
+            img2lidar = batch["lidar2img"].to(device=device, dtype=dtype).inverse()  # (B, N, 4, 4)
             img2lidar = torch.gather(img2lidar, 1, cams.view(B, -1, 1, 1).expand(-1, -1, 4, 4))  # (B, L, 4, 4)
             points = torch.einsum("blij,bldj->bldi", img2lidar, coords)[..., :3]
         lo, hi = self.position_range[:3], self.position_range[3:]
         points = ((points - lo) / (hi - lo)).reshape(B, -1, D * 3)
         pos_embed = self.position_encoder(inverse_sigmoid(points))
 
-        intrinsics = batch["intrinsics"].to(device=device, dtype=torch.float32)
+        intrinsics = batch["intrinsics"].to(device=device, dtype=dtype)
         focal = torch.stack([intrinsics[..., 0, 0], intrinsics[..., 1, 1]], dim=-1).abs() / 1e3  # (B, N, 2)
         # Upstream tiles the per-camera focal lengths camera-fastest ((B, N, 2).repeat(1, h*w, 1)) while the
         # tokens are camera-major, so token t reads camera t % N; kept for parity with trained weights.
@@ -563,7 +563,7 @@ class StreamPETRHead(nn.Module):
         device = refs.device
         if not (self.training and self.with_dn):
             return refs.unsqueeze(0).repeat(batch_size, 1, 1), None, None
-        boxes_list = [b.to(device=device, dtype=torch.float32) for b in batch["gt_boxes"]]
+        boxes_list = [b.to(device=device, dtype=refs.dtype) for b in batch["gt_boxes"]]
         labels_list = [lab.to(device=device, dtype=torch.long) for lab in batch["gt_labels"]]
         known_num = [int(b.shape[0]) for b in boxes_list]
         single_pad = max(known_num, default=0)
@@ -661,7 +661,12 @@ class StreamPETRHead(nn.Module):
 
     def _focal(self, logits: torch.Tensor, labels: torch.Tensor, avg_factor: float) -> torch.Tensor:
         return focal_loss(
-            logits, labels, avg_factor, alpha=self.focal_alpha, gamma=self.focal_gamma, weight=self.loss_cls_weight
+            logits,
+            labels,
+            avg_factor,
+            alpha=self.focal_alpha,
+            gamma=self.focal_gamma,
+            weight=self.loss_cls_weight,
         )
 
     def _l1(self, pred: torch.Tensor, target_boxes: torch.Tensor, avg_factor: float) -> torch.Tensor:
@@ -736,7 +741,7 @@ class StreamPETRHead(nn.Module):
         all_cls = outputs["all_cls_scores"].float()
         all_boxes = outputs["all_bbox_preds"].float()
         device = all_cls.device
-        gt_boxes = [b.to(device=device, dtype=torch.float32) for b in batch["gt_boxes"]]
+        gt_boxes = [b.to(device=device, dtype=all_boxes.dtype) for b in batch["gt_boxes"]]
         gt_labels = [lab.to(device=device, dtype=torch.long) for lab in batch["gt_labels"]]
         L = all_cls.shape[0]
 
