@@ -33,6 +33,8 @@ from raydrive.models.sparse4d.head import reduce_mean
 
 CODE_SIZE = 10
 UPSTREAM_PI = 3.14159  # the literal upstream uses in the DN classification avg factor
+# mmdet's weight_reduce_loss divides a loss sum by (avg_factor + float32 eps), in every dtype
+AVG_EPS = float(torch.finfo(torch.float32).eps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -663,7 +665,7 @@ class StreamPETRHead(nn.Module):
         return focal_loss(
             logits,
             labels,
-            avg_factor,
+            avg_factor + AVG_EPS,
             alpha=self.focal_alpha,
             gamma=self.focal_gamma,
             weight=self.loss_cls_weight,
@@ -675,7 +677,7 @@ class StreamPETRHead(nn.Module):
         target = normalize_bbox(target_boxes)
         ok = torch.isfinite(target).all(dim=-1)
         diff = (pred[ok] - target[ok]).abs() * self.code_weights
-        return diff.sum() / avg_factor * self.loss_bbox_weight
+        return diff.sum() / (avg_factor + AVG_EPS) * self.loss_bbox_weight
 
     @staticmethod
     def _mean_count(count: float, like: torch.Tensor) -> float:
