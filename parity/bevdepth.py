@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _standins import standin_torchvision  # parity/ is on sys.path when a script runs
 
 TOL = 1e-6
 REPO = Path(__file__).resolve().parents[1]
@@ -61,46 +62,10 @@ voxel-pooling CUDA extensions are Python functions that do what their kernels do
 # ======================================================================================================
 
 RECORD: dict[str, list] = {}
-_LIBS = []  # keeps torch.library registrations alive
 
 
 def _record(key, value):
     RECORD.setdefault(key, []).append(value)
-
-
-def _standin_torchvision():
-    """STAND-IN: the PyPI torchvision for torch 2.13 is a CUDA build; on CPU torch its import dies on
-    `operator torchvision::nms does not exist`. Skip its fake/autograd registrations and give it a
-    Python CPU `nms`. Only mmcv's module-level import and upstream base_exp's `torchvision.models`
-    listing need it; no torchvision op is used by the compared code."""
-    if "torchvision" in sys.modules:
-        return
-    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
-        sys.modules[name] = types.ModuleType(name)
-    try:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-
-        def nms(dets, scores, iou_threshold):
-            order = scores.argsort(descending=True)
-            x1, y1, x2, y2 = dets.unbind(1)
-            area = (x2 - x1) * (y2 - y1)
-            keep, suppressed = [], torch.zeros(len(dets), dtype=torch.bool)
-            for i in order.tolist():
-                if suppressed[i]:
-                    continue
-                keep.append(i)
-                w = (torch.minimum(x2[i], x2) - torch.maximum(x1[i], x1)).clamp(min=0)
-                h = (torch.minimum(y2[i], y2) - torch.maximum(y1[i], y1)).clamp(min=0)
-                inter = w * h
-                suppressed |= inter / (area[i] + area - inter) > iou_threshold
-            return torch.tensor(keep, dtype=torch.long)
-
-        lib.impl("nms", nms, "CPU")
-        _LIBS.append(lib)
-    except RuntimeError:
-        pass  # already defined (a working torchvision build)
-    import torchvision  # noqa: F401
 
 
 def _standin_pytorch_lightning():
@@ -261,7 +226,7 @@ def keep_float64():
 
 
 def install_standins(upstream: Path):
-    _standin_torchvision()
+    standin_torchvision()
     import mmcv
 
     # mmdet3d 1.0.0rc4 asserts mmcv<=1.7.0 at import; 1.7.2 is API-compatible (OpenMMLab note).

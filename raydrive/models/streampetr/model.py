@@ -78,13 +78,14 @@ class StreamPETR(nn.Module):
         self.grid_mask = GridMask() if cfg.use_grid_mask else None
 
     def extract_feat(self, img: torch.Tensor) -> torch.Tensor:
-        """(B, N, 3, H, W) -> the stride-16 CPFPN level as fp32 (B, N, C, H/16, W/16)."""
+        """(B, N, 3, H, W) -> the stride-16 CPFPN level (B, N, C, H/16, W/16) in the heads' dtype: fp32 out
+        of autocast (upstream `auto_fp16(out_fp32=True)`), float64 in a float64 model (parity checks)."""
         bs, cams = img.shape[:2]
         x = img.flatten(0, 1)
         if self.grid_mask is not None:
             x = self.grid_mask(x)
         feat = self.img_neck(self.img_backbone(x))[0]
-        return feat.reshape(bs, cams, *feat.shape[1:]).float()
+        return feat.reshape(bs, cams, *feat.shape[1:]).to(self.pts_bbox_head.code_weights.dtype)
 
     @staticmethod
     def _inputs(batch: dict, device, with_targets: bool) -> dict:
