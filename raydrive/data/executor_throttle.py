@@ -6,8 +6,11 @@ flight. Once enough blocks are produced ahead and backpressure stops new tasks, 
 to wait on and runs flat out (resource accounting, Prometheus gauges, issue detectors) until the
 trainer takes a block: measured with py-spy on the 2-core embedded default, that thread was busy
 about half of the wall time in each worker, so training steps took 2-3x their compute time until
-the dataset was fully produced. Sleeping briefly on idle steps costs at most `IDLE_SLEEP_S` of
-latency per block, far below a step, and frees that CPU for training and decoding.
+the dataset was fully produced. Finished tasks whose outputs wait for the trainer still count as
+in flight, and `ray.wait` returns at once for them, so "no task in flight" is not a reliable sign of
+an idle step: the loop is instead held to at most one step per `MIN_STEP_S`. A completed block then
+waits at most that long to be collected, far below a training step, and the CPU goes to training
+and decoding.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ import time
 
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-IDLE_SLEEP_S = 0.02
+MIN_STEP_S = 0.025
 
 
 class IdleThrottle(ExecutionCallback):
+    def __init__(self):
+        self._last = 0.0
+
     def on_execution_step(self, executor) -> None:
-        topology = getattr(executor, "_topology", None) or {}
-        if not any(op.num_active_tasks() for op in topology):
-            time.sleep(IDLE_SLEEP_S)
+        wait = self._last + MIN_STEP_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._last = time.monotonic()
 
 
 def install(ctx) -> None:
