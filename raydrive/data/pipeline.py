@@ -12,7 +12,8 @@ Design
    block running the model's mapper (decode, augment, tensorise): at most `max_tasks` in flight per
    worker, so that decoding does not starve training on small machines; several epochs share one
    dataset, because Ray Data's executor runs inside the training process and costs it time per block
-   and per dataset. These tasks are ordinary Ray tasks: on a cluster they run on any node with CPUs
+   and per dataset (its scheduling loop is held to one step per 25 ms: `executor_throttle.py`, measured
+   there). These tasks are ordinary Ray tasks: on a cluster they run on any node with CPUs
    (the image paths must be visible there, as with any shared nuScenes tree).
 3. `preserve_order` keeps the planned order through the parallel tasks, and `collate` checks it
    anyway (step, micro-batch and slot columns) and raises instead of silently feeding a temporal
