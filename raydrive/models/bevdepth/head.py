@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from raydrive.models.bevdepth.config import COMMON_HEADS, TASKS, BEVDepthConfig
+from raydrive.models.heatmap import draw_gaussian
 from raydrive.models.resnet import ResNet
 from raydrive.models.secondfpn import SECONDFPN
 
@@ -257,29 +258,6 @@ def gaussian_radius(height, width, min_overlap: float):
     c3 = (min_overlap - 1) * width * height
     r3 = (b3 + (b3**2 - 4 * a3 * c3) ** 0.5) / 2
     return min(r1, r2, r3)
-
-
-def gaussian_kernel(radius: int) -> np.ndarray:
-    """(2r+1)^2 Gaussian with sigma = (2r+1)/6, tiny values zeroed (mmdet3d `gaussian_2d`)."""
-    d = 2 * radius + 1
-    sigma = d / 6
-    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
-    g = np.exp(-(x * x + y * y) / (2 * sigma * sigma))
-    g[g < np.finfo(g.dtype).eps * g.max()] = 0
-    return g
-
-
-def draw_gaussian(heat: torch.Tensor, x: int, y: int, radius: int) -> None:
-    """Max the Gaussian into `heat` (H, W) around (x, y), clipped at the borders; the kernel is cast to
-    fp32 first, as upstream does."""
-    h, w = heat.shape
-    g = torch.from_numpy(gaussian_kernel(radius)).to(heat.device, torch.float32)
-    left, right = min(x, radius), min(w - x, radius + 1)
-    top, bottom = min(y, radius), min(h - y, radius + 1)
-    patch = heat[y - top : y + bottom, x - left : x + right]
-    kernel = g[radius - top : radius + bottom, radius - left : radius + right]
-    if min(kernel.shape) > 0 and min(patch.shape) > 0:
-        torch.max(patch, kernel.to(patch.dtype), out=patch)
 
 
 def circle_nms(dets: np.ndarray, thresh: float, post_max_size: int) -> list[int]:

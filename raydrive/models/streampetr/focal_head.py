@@ -17,11 +17,11 @@ from __future__ import annotations
 import math
 import random
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from raydrive.models.heatmap import draw_gaussian
 from raydrive.models.sparse4d.blocks import gaussian_focal_loss
 from raydrive.models.sparse4d.head import reduce_mean
 
@@ -112,30 +112,6 @@ def clip_sigmoid(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- centerness heatmap
-
-
-def gaussian_kernel(radius: int) -> torch.Tensor:
-    """(2r+1, 2r+1) Gaussian with sigma = diameter / 6 and a peak of 1 (upstream `misc.gaussian_2d`)."""
-    diameter = 2 * radius + 1
-    sigma = diameter / 6
-    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
-    g = np.exp(-(x * x + y * y) / (2 * sigma * sigma))
-    g[g < np.finfo(g.dtype).eps * g.max()] = 0
-    return torch.from_numpy(g).float()
-
-
-def draw_gaussian(heatmap: torch.Tensor, cx: int, cy: int, radius: int) -> None:
-    """Max a Gaussian at integer cell (cx, cy) into heatmap in place; cut at the borders, as upstream
-    (`misc.draw_heatmap_gaussian`). A cell outside the map draws nothing (the mapper clips centres to
-    the image, so only a centre on the right or bottom edge lands there)."""
-    height, width = heatmap.shape
-    left, right = min(cx, radius), min(width - cx, radius + 1)
-    top, bottom = min(cy, radius), min(height - cy, radius + 1)
-    if cx < 0 or cy < 0 or right <= 0 or bottom <= 0:
-        return
-    g = gaussian_kernel(radius)[radius - top : radius + bottom, radius - left : radius + right]
-    patch = heatmap[cy - top : cy + bottom, cx - left : cx + right]
-    torch.maximum(patch, g.to(heatmap), out=patch)
 
 
 def centerness_heatmap(

@@ -30,6 +30,7 @@ from torch import nn
 
 from raydrive.models.sparse4d.blocks import focal_loss
 from raydrive.models.sparse4d.head import reduce_mean
+from raydrive.models.streampetr.focal_head import inverse_sigmoid
 
 CODE_SIZE = 10
 UPSTREAM_PI = 3.14159  # the literal upstream uses in the DN classification avg factor
@@ -40,12 +41,6 @@ AVG_EPS = float(torch.finfo(torch.float32).eps)
 # ----------------------------------------------------------------------------------------------------
 # Small functions (upstream models/utils/positional_encoding.py, misc.py, core/bbox/util.py)
 # ----------------------------------------------------------------------------------------------------
-
-
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """mmdet's inverse_sigmoid: logit of x clamped to [0, 1], both sides kept >= eps."""
-    x = x.clamp(0, 1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 def _sine(pos: torch.Tensor, num_feats: int, temperature: float) -> torch.Tensor:
