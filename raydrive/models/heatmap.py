@@ -4,17 +4,22 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
 
+@lru_cache(maxsize=128)
 def gaussian_kernel(radius: int) -> np.ndarray:
-    """(2r+1)^2 Gaussian with sigma = (2r+1)/6 and a peak of 1, tiny values zeroed."""
+    """(2r+1)^2 Gaussian with sigma = (2r+1)/6 and a peak of 1, tiny values zeroed. Cached (read-only):
+    every box of every training step asks for one of a few radii."""
     d = 2 * radius + 1
     sigma = d / 6
     y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
     g = np.exp(-(x * x + y * y) / (2 * sigma * sigma))
     g[g < np.finfo(g.dtype).eps * g.max()] = 0
+    g.flags.writeable = False
     return g
 
 
@@ -24,7 +29,7 @@ def draw_gaussian(heat: torch.Tensor, x: int, y: int, radius: int) -> None:
     h, w = heat.shape
     if not (0 <= x < w and 0 <= y < h):
         return
-    g = torch.from_numpy(gaussian_kernel(radius)).to(heat.device, torch.float32)
+    g = torch.tensor(gaussian_kernel(radius), dtype=torch.float32, device=heat.device)
     left, right = min(x, radius), min(w - x, radius + 1)
     top, bottom = min(y, radius), min(h - y, radius + 1)
     patch = heat[y - top : y + bottom, x - left : x + right]
