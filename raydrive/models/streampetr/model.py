@@ -89,14 +89,11 @@ class StreamPETR(nn.Module):
 
     @staticmethod
     def _inputs(batch: dict, device, with_targets: bool) -> dict:
-        out = {}
-        for k in HEAD_KEYS:
-            v = batch[k].to(device)
-            out[k] = v if v.dtype == torch.float64 or k == "pad_hw" else v.float()
+        """The batch keys the heads read, on the model's device; the heads cast them to their own dtype
+        (geometry and targets in fp32 out of autocast, ego poses and timestamps stay float64)."""
+        out = {k: batch[k].to(device) for k in HEAD_KEYS}
         if with_targets:
-            for k in TARGET_KEYS:
-                out[k] = [x.to(device) for x in batch[k]]
-            out["gt_boxes"] = [x.float() for x in out["gt_boxes"]]
+            out.update({k: [x.to(device) for x in batch[k]] for k in TARGET_KEYS})
         return out
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
