@@ -274,9 +274,26 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (DataError, ConfigError) as e:
         return _last(f"raydrive {args.command}: error: {e}", 2)
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not _from_interrupt(e):
+            raise
         kept = "; --out was left as it was" if args.command == "prepare" else ""
         return _last(f"raydrive {args.command}: interrupted{kept}", 130)
+
+
+def _from_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C, also when it landed inside a module import and arrives wrapped in another error.
+
+    (A SIGINT during `import sklearn` surfaces as `RuntimeError: Error calling __set_name__ ...` with
+    the KeyboardInterrupt as its cause.)
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _last(message: str, code: int) -> int:
