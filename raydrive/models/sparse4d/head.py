@@ -272,6 +272,8 @@ class Target:
         cls_target = cls_pred.new_full((bs, num_pred), num_cls, dtype=torch.long)
         box_target = box_pred.new_zeros(box_pred.shape)
         weights = box_pred.new_zeros(box_pred.shape)
+        # per frame (pred_idx, gt_idx) of this call's match: SparseDrive's motion loss reads the last layer's
+        self.indices: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * bs
         for i in range(bs):
             if len(labels_list[i]) == 0:
                 continue
@@ -284,6 +286,7 @@ class Target:
             cost = np.where(np.isneginf(cost) | np.isnan(cost), 1e8, cost)
             pred_idx, gt_idx = linear_sum_assignment(cost)
             pred_idx, gt_idx = torch.as_tensor(pred_idx), torch.as_tensor(gt_idx)
+            self.indices[i] = (pred_idx, gt_idx)
             cls_target[i, pred_idx] = labels_list[i][gt_idx]
             box_target[i, pred_idx] = target[gt_idx]
             weights[i, pred_idx] = inst_w[gt_idx]
@@ -337,6 +340,9 @@ class Sparse4DHead(nn.Module):
         self.cfg = c
         d = c.embed_dims
         self.num_single_frame_decoder = c.num_single_frame_decoder
+        # SparseDrive's detection3d_head.py re-encodes the anchor after the last refine too (its output
+        # anchor_embed feeds the motion planner); Sparse4D skips that unused encoding.
+        self.encode_last_anchor = c.encode_last_anchor
         self.instance_bank = InstanceBank(c.num_anchor, d, anchor, c.num_temp_instances, fix_yaw_swap=c.fix_yaw_swap)
         self.anchor_encoder = AnchorEncoder(tuple(c.anchor_encoder_dims))
         single = ["deformable", "ffn", "norm", "refine"]
@@ -429,7 +435,7 @@ class Sparse4DHead(nn.Module):
                 qualities.append(qt)
                 if len(predictions) == self.num_single_frame_decoder:
                     feature, anchor = self.instance_bank.update(feature, anchor, cls)
-                if i != last:
+                if i != last or self.encode_last_anchor:
                     anchor_embed = self.anchor_encoder(anchor)
                 if len(predictions) > self.num_single_frame_decoder and temp_embed is not None:
                     temp_embed = anchor_embed[:, : self.instance_bank.num_temp_instances]
@@ -437,6 +443,8 @@ class Sparse4DHead(nn.Module):
             "classification": [c[:, :num_free] if c is not None else None for c in classifications],
             "prediction": [p[:, :num_free] for p in predictions],
             "quality": [q[:, :num_free] if q is not None else None for q in qualities],
+            "instance_feature": feature[:, :num_free],  # SparseDrive's motion planner reads these two
+            "anchor_embed": anchor_embed[:, :num_free],
         }
         if dn is not None:
             out.update(
