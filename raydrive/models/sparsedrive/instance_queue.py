@@ -17,8 +17,8 @@ What raydrive does differently:
   `max_time_interval` (upstream only sees the detection bank's time mask); such slots drop their
   agent histories even if the detection head happened to reuse ids;
 - ids of -1 (no id) never match;
-- the re-indexing is a matrix product instead of upstream's broadcast sum (same values, no
-  (bs, N, N, C) temporary);
+- the re-indexing gathers the one matching previous query (tracking ids are unique within a frame,
+  so upstream's sum over matches is that query) without upstream's (bs, N, N, C) temporary;
 - the ego feature is average-pooled to 1 x 1 adaptively: equal to upstream's AvgPool(4, 11) on the
   4 x 11 map a 256 x 704 input gives, and valid for other input sizes.
 """
@@ -198,10 +198,11 @@ class InstanceQueue(nn.Module):
             self.period = torch.zeros(feature.shape[:2], dtype=torch.long, device=feature.device)
         else:
             match = self._match(_instance_ids(det_out), continues)  # (bs, N, N_prev)
-            weights = match.to(feature.dtype)
-            self.feature_queue = [weights @ f for f in self.feature_queue]
-            self.anchor_queue = [weights @ a for a in self.anchor_queue]
-            self.period = (match.long() * self.period[:, None]).sum(dim=-1)
+            found = match.any(dim=-1)
+            source = match.long().argmax(dim=-1)  # the matched previous query (ids are unique per frame)
+            self.feature_queue = [_take(f, source, found) for f in self.feature_queue]
+            self.anchor_queue = [_take(a, source, found) for a in self.anchor_queue]
+            self.period = torch.where(found, self.period.gather(1, source), self.period.new_zeros(()))
         self.feature_queue.append(feature)
         self.anchor_queue.append(anchor)
         self.period = self.period + 1
@@ -237,6 +238,12 @@ class InstanceQueue(nn.Module):
             self.ego_feature_queue.pop(0)
             self.ego_anchor_queue.pop(0)
         return ego_feature, ego_anchor
+
+
+def _take(queued: torch.Tensor, source: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """queued (bs, N_prev, D) re-indexed to the current queries: row `source`, zeros where not `found`."""
+    rows = torch.gather(queued, 1, source[..., None].expand(-1, -1, queued.shape[-1]))
+    return torch.where(found[..., None], rows, rows.new_zeros(()))
 
 
 def _instance_ids(det_out: dict) -> torch.Tensor:
