@@ -124,11 +124,17 @@ class DeformableFeatureAggregation(nn.Module):
         attn_drop: float = 0.15,
         num_learnable_pts: int = 6,
         fix_scale=None,
+        kps_generator: nn.Module | None = None,
     ):
+        """`kps_generator`: another key-point layout (SparseDrive's map polylines), called as
+        `kps_generator(anchor, instance_feature) -> (bs, N, P, 3)` with a `num_pts` attribute; by
+        default the box one built from `num_learnable_pts` and `fix_scale`."""
         super().__init__()
         self.embed_dims, self.num_groups, self.num_levels, self.num_cams = embed_dims, num_groups, num_levels, num_cams
         self.attn_drop = attn_drop
-        self.kps_generator = KeyPointsGenerator(embed_dims, num_learnable_pts, fix_scale)
+        if kps_generator is None:
+            kps_generator = KeyPointsGenerator(embed_dims, num_learnable_pts, fix_scale)
+        self.kps_generator = kps_generator
         self.num_pts = self.kps_generator.num_pts
         self.output_proj = nn.Linear(embed_dims, embed_dims)
         self.camera_encoder = nn.Sequential(*linear_relu_ln(embed_dims, 1, 2, 12))
@@ -190,18 +196,30 @@ class AsymmetricFFN(nn.Module):
 
 
 class GraphAttention(nn.Module):
-    """mmcv MultiheadAttention semantics: out = query + dropout(MHA(query + pos, key + pos, value))."""
+    """mmcv MultiheadAttention semantics: out = query + dropout(MHA(query + pos, key + pos, value)).
+
+    Sparse4D concatenates the position to the features before calling (decoupled attention) and
+    passes no `query_pos`; SparseDrive's map head adds it here. As in mmcv, `value` defaults to the
+    key without its position, and a missing `key_pos` is `query_pos` when the shapes agree.
+    """
 
     def __init__(self, embed_dims: int = 512, num_heads: int = 8, dropout: float = 0.1):
         super().__init__()
         self.attn = nn.MultiheadAttention(embed_dims, num_heads, dropout=dropout, batch_first=True)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, query, key=None, value=None, attn_mask=None):
+    def forward(self, query, key=None, value=None, attn_mask=None, query_pos=None, key_pos=None):
         key = query if key is None else key
         value = key if value is None else value
+        identity = query
+        if query_pos is not None:
+            if key_pos is None and query_pos.shape == key.shape:
+                key_pos = query_pos
+            query = query + query_pos
+        if key_pos is not None:
+            key = key + key_pos
         out = self.attn(query, key, value, attn_mask=attn_mask, need_weights=False)[0]
-        return query + self.dropout(out)
+        return identity + self.dropout(out)
 
 
 class RefinementModule(nn.Module):
