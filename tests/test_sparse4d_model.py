@@ -90,7 +90,7 @@ def test_small_preset_trains_caches_and_resets_slots_through_reset_state():
     with pytest.raises(RuntimeError, match="predict"):
         model.eval()(_batch(cfg, 2.0, False))
     out = model.predict(_batch(cfg, 2.0, False))
-    assert out[0].keys() == {"boxes", "scores", "labels", "instance_ids"}
+    assert out[0].keys() == {"boxes", "scores", "labels", "instance_ids", "cls_scores", "query_index"}
     assert out[0]["boxes"].shape == (cfg.decode_top_k, 9) and (out[0]["scores"][:-1] >= out[0]["scores"][1:]).all()
     assert out[0]["labels"].dtype == out[0]["instance_ids"].dtype == torch.int64
     with pytest.raises(RuntimeError, match="eval"):

@@ -15,6 +15,7 @@ from raydrive.data import sparsedrive_fields as sf
 from raydrive.data.assets import SPARSEDRIVE_ASSETS, ensure_assets, get_asset, models_assets
 from raydrive.data.constants import CLASSES
 from raydrive.data.infos import DataError
+from raydrive.trainers import get_spec
 
 
 def _record(boxes=(), names=(), agent_trajs=None, agent_masks=None, ego=None, cmd=2, lines=None) -> dict:
@@ -34,7 +35,7 @@ def _record(boxes=(), names=(), agent_trajs=None, agent_masks=None, ego=None, cm
     return rec
 
 
-def test_registered_under_upstream_names_and_made_only_on_request(prepared):
+def test_registered_under_upstream_names_and_made_for_sparsedrive(prepared):
     paths = {name: get_asset(name).path for name in SPARSEDRIVE_ASSETS}
     assert paths == {
         "sparsedrive_det_900": "kmeans/kmeans_det_900.npy",
@@ -42,13 +43,15 @@ def test_registered_under_upstream_names_and_made_only_on_request(prepared):
         "sparsedrive_motion_6": "kmeans/kmeans_motion_6.npy",
         "sparsedrive_plan_6": "kmeans/kmeans_plan_6.npy",
     }
-    assert not set(SPARSEDRIVE_ASSETS) & set(models_assets()), "no registered model needs them yet"
-    assert not (prepared / "kmeans").exists(), "a default prepare makes only what registered models need"
+    assert set(SPARSEDRIVE_ASSETS) <= set(models_assets()), "the sparsedrive model names them"
+    assert set(get_spec("sparsedrive").assets) == set(SPARSEDRIVE_ASSETS)
+    assert not set(SPARSEDRIVE_ASSETS) & set(get_spec("sparse4d").assets), "prepare --for sparse4d skips them"
+    assert (prepared / "kmeans").is_dir(), "a default prepare makes every registered model's assets"
 
 
 def test_steps_on_the_prepared_train_split(prepared, tmp_path):
     copy = tmp_path / "prepared"
-    shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns("depth_gt", "pkl"))
+    shutil.copytree(prepared, copy, ignore=shutil.ignore_patterns("depth_gt", "pkl", "kmeans"))  # made again
     with pytest.warns(UserWarning, match="no train sample has a full 12-step future"):  # the 6-frame scenes
         paths = ensure_assets(copy, SPARSEDRIVE_ASSETS)
     shapes = {name: np.load(path).shape for name, path in paths.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,15 +113,26 @@ def get_asset(name: str) -> Asset:
     return ASSETS[name]
 
 
-def make_assets(names: Iterable[str], train_records: list[dict], out: Path) -> dict[str, dict]:
+def make_assets(
+    names: Iterable[str], train_records: list[dict], out: Path, skip_unavailable: bool = False
+) -> dict[str, dict]:
     """Run the steps of `names` on the train records; returns their manifest entries. Every step runs
-    before any file is written, so a failing one leaves no file that the manifest does not list."""
+    before any file is written, so a failing one leaves no file that the manifest does not list.
+    `skip_unavailable` (a prepare for every model, not a request): an asset whose inputs the set lacks
+    (SparseDrive's without the map expansion or futures) is skipped with a warning instead."""
+    from raydrive.data.sparsedrive_fields import MissingSparseDriveData
+
     arrays = {}
     for name in names:
         asset = get_asset(name)
         if not train_records:
             raise DataError(f"asset {name} ({asset.description}) needs a train split with frames")
-        arrays[name] = asset.make(train_records)
+        try:
+            arrays[name] = asset.make(train_records)
+        except MissingSparseDriveData as e:
+            if not skip_unavailable:
+                raise
+            warnings.warn(f"skipping asset {name}: {e}", stacklevel=2)
     entries = {}
     for name, array in arrays.items():
         asset = get_asset(name)

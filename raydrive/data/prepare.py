@@ -198,7 +198,7 @@ def _build(cfg: PrepareConfig, out: Path) -> dict:
         manifest["depth_gt"] = {"dir": "depth_gt", "files": n}
     assets = models_assets() if cfg.assets is None else cfg.assets
     if assets and "train" in splits:
-        made = make_assets(assets, splits["train"], out)
+        made = make_assets(assets, splits["train"], out, skip_unavailable=cfg.assets is None)
         manifest["assets"] = {name: _stamp(out, entry) for name, entry in made.items()}
     pkls = []
     for fmt in cfg.pkl_formats:

@@ -84,10 +84,12 @@ def load_model(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> torch
     if cfg.run.load_from:
         state = ckpt.load_weights(cfg.run.load_from, cfg.run.trust_checkpoint)
         result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        fresh = tuple(getattr(model, "fresh_on_load", ()))  # e.g. SparseDrive stage 2's planner
+        missing = [k for k in result.missing_keys if not (fresh and k.startswith(fresh))]
+        if missing or result.unexpected_keys:
             raise ConfigError(
                 f"--load-from {cfg.run.load_from} does not fit {cfg.model_name} ({cfg.preset}): "
-                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                 f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}); "
                 f"upstream checkpoints fit the full preset"
             )

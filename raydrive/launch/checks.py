@@ -32,15 +32,19 @@ def _meta_mode():
     return Meta()
 
 
-def _shapes(spec, model_cfg) -> dict[str, tuple]:
-    """The state dict's key -> shape of the model (no assets), built mostly on the meta device (a
-    full-size network in a fraction of a second), on the CPU where its code needs real tensors."""
+def _built(spec, model_cfg):
+    """The model (no assets), built mostly on the meta device (a full-size network in a fraction of a
+    second), on the CPU where its code needs real tensors."""
     try:
         with _meta_mode():
-            model = spec.build_model(model_cfg, {})
+            return spec.build_model(model_cfg, {})
     except Exception:  # e.g. an init that computes with its parameters' values
-        model = spec.build_model(model_cfg, {})
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return spec.build_model(model_cfg, {})
+
+
+def _shapes(spec, model_cfg) -> dict[str, tuple]:
+    """The state dict's key -> shape of the model."""
+    return {k: tuple(v.shape) for k, v in _built(spec, model_cfg).state_dict().items()}
 
 
 def _mismatch(expected: dict[str, tuple], given: dict[str, tuple]) -> tuple[list, list, list]:
@@ -95,7 +99,12 @@ def check_load_from_fits(cfg: TrainConfig, path: Path) -> None:
         ) from None
     given = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
     spec = get_spec(cfg.model_name)
-    missing, unexpected, shapes = _mismatch(_shapes(spec, cfg.model), given)
+    model = _built(spec, cfg.model)
+    missing, unexpected, shapes = _mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, given)
+    # keys a --load-from may lack: the model's `fresh_on_load` prefixes (SparseDrive stage 2's planner,
+    # which starts fresh from stage 1's weights)
+    fresh = tuple(getattr(model, "fresh_on_load", ()))
+    missing = [k for k in missing if not (fresh and k.startswith(fresh))]
     if not (missing or unexpected or shapes):
         return
     fits = fitting_presets(spec, given)

@@ -21,7 +21,7 @@ def unregister(name: str) -> None:
 
 
 def _load_builtin() -> None:
-    from raydrive.trainers import bevdepth, sparse4d, streampetr  # noqa: F401
+    from raydrive.trainers import bevdepth, sparse4d, sparsedrive, streampetr  # noqa: F401
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -455,7 +455,7 @@ class Sparse4DHead(nn.Module):
                 dn_valid_mask=dn_valid,
             )
         self.instance_bank.cache(feature[:, :num_free], anchor[:, :num_free], cls[:, :num_free], metas)
-        if self.training:
+        if self.training and not self.cfg.track_in_training:
             self.instance_bank.instance_id = None  # ids are not tracked in training; they would go stale
         else:  # upstream sparse4d_head.py forward: ids for every query (the v3 decoder has no score threshold)
             out["instance_id"] = self.instance_bank.get_instance_id(cls[:, :num_free])
@@ -526,11 +526,14 @@ class Sparse4DHead(nn.Module):
         score, label = out["classification"][-1].sigmoid().max(dim=-1)
         box = out["prediction"][-1]
         scores, idx = score.topk(min(num_output, score.shape[1]), dim=1)
+        cls_scores = scores
         quality = out.get("quality")
         if quality is not None and quality[-1] is not None:
             scores = scores * torch.gather(quality[-1][..., CNS], 1, idx).sigmoid()
             scores, order = scores.sort(dim=1, descending=True)
             idx = torch.gather(idx, 1, order)
+            # aligned with the boxes (upstream SparseDrive's decoder leaves its cls_scores in the pre-sort order)
+            cls_scores = torch.gather(cls_scores, 1, order)
         labels = torch.gather(label, 1, idx)
         ids = out.get("instance_id")
         ids = torch.gather(ids, 1, idx) if ids is not None else torch.full_like(idx, -1)
@@ -545,6 +548,8 @@ class Sparse4DHead(nn.Module):
                     "scores": scores[i].float().cpu(),
                     "labels": labels[i].long().cpu(),
                     "instance_ids": ids[i].long().cpu(),
+                    "cls_scores": cls_scores[i].float().cpu(),  # before the centerness factor (tracking)
+                    "query_index": idx[i].long().cpu(),  # the query each box decodes (SparseDrive's motion)
                 }
             )
         return results

@@ -49,7 +49,10 @@ class Sparse4DMapperConfig:
     bev_rot: tuple[float, float] = (-0.3925, 0.3925)  # BEV rotation of the scene (train only)
     with_depth: bool = True  # lidar depth points for the auxiliary dense depth loss (train only)
     max_range: float = 55.0  # BEV distance filter on boxes
-    only_valid: bool = True  # drop boxes without lidar or radar points
+    only_valid: bool = True  # drop boxes without points (see valid_points)
+    # "lidar_or_radar": the converter's valid_flag (Sparse4D's use_valid_flag=True); "lidar": lidar points
+    # only (SparseDrive's dataset with use_valid_flag=False)
+    valid_points: str = "lidar_or_radar"
 
 
 class Sparse4DMapper:
@@ -72,6 +75,9 @@ class Sparse4DMapper:
         )
         self.aug = aug if train else aug.evaluation()
         self.max_range, self.only_valid = m.max_range, m.only_valid
+        if m.valid_points not in ("lidar_or_radar", "lidar"):
+            raise ValueError(f"mapper.valid_points={m.valid_points!r}: expected 'lidar_or_radar' or 'lidar'")
+        self.radar_counts = m.valid_points == "lidar_or_radar"
         self.depth_dir = None
         if m.with_depth and train:
             if not (prepared / "depth_gt").is_dir():
@@ -109,7 +115,7 @@ class Sparse4DMapper:
                 keep = (uv[:, 0] >= 0) & (uv[:, 0] < fw) & (uv[:, 1] >= 0) & (uv[:, 1] < fh)
                 depth_rows.append(np.concatenate([np.full((keep.sum(), 1), c), uv[keep], uvd[keep, 2:3]], 1))
         l2g = geo.lidar_to_global(row) @ bev_inv
-        boxes, labels, ids = self._targets(row, bev)
+        boxes, labels, ids, _ = self._targets(row, bev)
         return {
             "img": np.stack(imgs),
             "projection_mat": np.stack(projs).astype(np.float32),
@@ -130,15 +136,17 @@ class Sparse4DMapper:
         img = read_camera_image(path, width, height, row["token"], img_aug.resize_dims)
         return np.asarray(apply_image_aug(img, img_aug))
 
-    def _targets(self, row: dict, bev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _targets(self, row: dict, bev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes (N, 9), labels and instance ids of the kept objects, and the keep mask over the record's."""
         boxes = stack_ragged(row["gt_boxes"], (7,), np.float64)
         vel = np.nan_to_num(stack_ragged(row["gt_velocity"], (2,), np.float64))
         names = np.array([str(x) for x in row["gt_names"]], dtype=object)
         keep = np.isin(names, CLASSES) & (np.linalg.norm(boxes[:, :2], axis=1) <= self.max_range)
         if self.only_valid:
-            keep &= (
-                stack_ragged(row["num_lidar_pts"], (), np.int64) + stack_ragged(row["num_radar_pts"], (), np.int64) > 0
-            )
+            points = stack_ragged(row["num_lidar_pts"], (), np.int64)
+            if self.radar_counts:
+                points = points + stack_ragged(row["num_radar_pts"], (), np.int64)
+            keep &= points > 0
         boxes9 = apply_bev_aug(np.concatenate([boxes, vel], axis=1)[keep], bev).astype(np.float32)
         labels = np.array([CLASSES.index(x) for x in names[keep]], dtype=np.int64)
-        return boxes9, labels, stack_ragged(row["instance_inds"], (), np.int64)[keep]
+        return boxes9, labels, stack_ragged(row["instance_inds"], (), np.int64)[keep], keep

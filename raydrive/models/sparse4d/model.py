@@ -53,6 +53,7 @@ class Sparse4DConfig:
     cls_threshold_to_reg: float = 0.05
     fix_yaw_swap: bool = False  # upstream Sparse4D keeps the swapped yaw slots (see blocks.anchor_projection)
     encode_last_anchor: bool = False  # SparseDrive: anchor_embed of the final anchors (see Sparse4DHead)
+    track_in_training: bool = False  # SparseDrive: tracking ids in training too (its instance queue reads them)
     decode_top_k: int = 300
 
     @property
