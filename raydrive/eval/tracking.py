@@ -155,8 +155,20 @@ def evaluate_tracking(
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="raydrive-track-eval-"))
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "results_nusc_tracking.json"
-    path.write_text(json.dumps(to_tracking_submission(predictions, records, threshold=threshold, frame=frame)))
+    submission = to_tracking_submission(predictions, records, threshold=threshold, frame=frame)
+    if not any(submission["results"].values()):
+        return no_tracks()  # the devkit cannot score an empty submission ("Invalid box type: None")
+    path.write_text(json.dumps(submission))
     return evaluate_tracking_file(path, dataroot, version, eval_set_for(version, split), str(output_dir), nusc=nusc)
+
+
+def no_tracks() -> dict:
+    """The metrics of a submission without a single box above the threshold (e.g. an untrained model):
+    nothing tracked, AMOTA 0, the error metrics at the devkit's worst values."""
+    worst = {"amota": 0.0, "amotp": 2.0, "recall": 0.0, "motar": 0.0, "gt": float("nan"), "mota": 0.0, "motp": 2.0}
+    metrics = {k: worst.get(k, 0.0) for k in HEADLINE + COUNTS}
+    metrics["per_class_amota"] = {name: 0.0 for name in tracking_names()}
+    return metrics
 
 
 def flatten_tracking_summary(summary: dict) -> dict:

@@ -64,7 +64,11 @@ class SparseDriveMapper(Sparse4DMapper):
         _, _, _, keep = self._targets(row, np.eye(4))
         trajs = stack_ragged(row["gt_agent_fut_trajs"], (AGENT_FUT_STEPS, 2), np.float32)[keep]
         masks = stack_ragged(row["gt_agent_fut_masks"], (AGENT_FUT_STEPS,), np.float32)[keep]
-        cols = {k: row[k] for k in ("map_points", "map_line_label", "map_line_num_points")}
+        cols = {
+            "map_points": stack_ragged(row["map_points"], (2,), np.float64),
+            "map_line_label": stack_ragged(row["map_line_label"], (), np.int64),
+            "map_line_num_points": stack_ragged(row["map_line_num_points"], (), np.int64),
+        }
         labels, lines = map_targets(map_annos_from_columns(cols))
         labels, lines = np.asarray(labels, np.int64), np.asarray(lines, np.float32)
         out.update(
@@ -72,9 +76,17 @@ class SparseDriveMapper(Sparse4DMapper):
             gt_agent_fut_masks=masks,
             map_labels=labels,
             map_lines=lines,
-            gt_ego_fut_trajs=np.asarray(row["gt_ego_fut_trajs"], np.float32).reshape(-1, 2),
-            gt_ego_fut_masks=np.asarray(row["gt_ego_fut_masks"], np.float32).reshape(-1),
-            gt_ego_fut_cmd=np.asarray(row["gt_ego_fut_cmd"], np.float32).reshape(3),
-            ego_status=np.asarray(row["ego_status"], np.float32).reshape(-1),
+            gt_ego_fut_trajs=_dense(row["gt_ego_fut_trajs"]).reshape(-1, 2),
+            gt_ego_fut_masks=_dense(row["gt_ego_fut_masks"]).reshape(-1),
+            gt_ego_fut_cmd=_dense(row["gt_ego_fut_cmd"]).reshape(3),
+            ego_status=_dense(row["ego_status"]).reshape(-1),
         )
         return out
+
+
+def _dense(value) -> np.ndarray:
+    """A fixed-shape column's value as float32 (Ray Data may hand nested rows as object arrays)."""
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        arr = np.stack([_dense(v) for v in arr]) if arr.ndim else np.asarray(arr.item())
+    return arr.astype(np.float32)
