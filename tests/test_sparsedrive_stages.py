@@ -1,0 +1,37 @@
+"""`python -m raydrive.train sparsedrive` end to end: both small stages run in order through the real
+driver on a local Ray, stage 2 starts from stage 1's final checkpoint with a fresh planner, and each
+stage's evaluation reports its tasks' metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from raydrive.engine import checkpoint as ckpt
+
+
+@pytest.mark.slow
+def test_both_small_stages_run_in_order(prepared, synth_root, tmp_path):
+    argv = ["sparsedrive", "--preset", "small", "--prepared", str(prepared), "--dataroot", str(synth_root)]
+    argv += ["--storage-path", str(tmp_path), "--name", "sd", "--max-steps", "2", "--batch-size", "1"]
+    argv += ["--global-batch", "2", "run.checkpoint_every=2", "run.evaluate_before=false", "data.cpus_per_task=0.25"]
+    proc = subprocess.run([sys.executable, "-m", "raydrive.train", *argv], capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    stage1, stage2 = tmp_path / "sd-small_stage1", tmp_path / "sd-small_stage2"
+    assert out.index("sparsedrive (small_stage1)") < out.index("sparsedrive (small_stage2)")
+    first = ckpt.scan(stage1)[0][-1]
+    cfg2 = yaml.safe_load((stage2 / "raydrive_config.yaml").read_text())
+    assert cfg2["run"]["load_from"] == str(first), "stage 2 starts from stage 1's final checkpoint"
+    assert (
+        cfg2["model"]["with_motion_plan"]
+        and not yaml.safe_load((stage1 / "raydrive_config.yaml").read_text())["model"]["with_motion_plan"]
+    )
+    card = json.loads((stage2 / "run_card.json").read_text())
+    metrics = card["metrics"]
+    assert {"mAP", "NDS", "amota", "map_mAP", "L2_avg", "collision_avg"} <= set(metrics), sorted(metrics)
+    assert "L2 1s" in out and "map mAP" in out
