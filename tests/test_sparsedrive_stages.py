@@ -5,13 +5,16 @@ stage's evaluation reports its tasks' metrics."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
 from raydrive.engine import checkpoint as ckpt
+from raydrive.launch.train import DONE_FILE
 
 
 @pytest.mark.slow
@@ -35,3 +38,28 @@ def test_both_small_stages_run_in_order(prepared, synth_root, tmp_path):
     metrics = card["metrics"]
     assert {"mAP", "NDS", "amota", "map_mAP", "L2_avg", "collision_avg"} <= set(metrics), sorted(metrics)
     assert "L2 1s" in out and "map mAP" in out
+
+
+@pytest.mark.slow
+def test_killed_in_stage_two_resumes_in_stage_two(prepared, synth_root, tmp_path):
+    """Ctrl-C once stage 2 has a checkpoint; the same command again skips stage 1 and continues stage 2."""
+    argv = ["sparsedrive", "--preset", "small", "--prepared", str(prepared), "--dataroot", str(synth_root)]
+    argv += ["--storage-path", str(tmp_path), "--name", "sd", "--max-steps", "6", "--batch-size", "1", "--no-eval"]
+    argv += ["--global-batch", "2", "run.checkpoint_every=2", "data.cpus_per_task=0.25"]
+    cmd = [sys.executable, "-m", "raydrive.train", *argv]
+    stage2 = tmp_path / "sd-small_stage2"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (stage2.is_dir() and ckpt.scan(stage2)[0]):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert (tmp_path / "sd-small_stage1" / DONE_FILE).is_file() and not (stage2 / DONE_FILE).exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    out2 = again.stdout + again.stderr
+    assert again.returncode == 0, out2[-4000:]
+    assert "stage small_stage1 finished before" in out2 and "sparsedrive (small_stage1)" not in out2
+    assert "resuming from step" in out2 and (stage2 / DONE_FILE).is_file()
+    assert ckpt.checkpoint_step(ckpt.scan(stage2)[0][-1]) == 6
