@@ -358,3 +358,28 @@ def test_missing_assets_are_named_then_made(prepared, tmp_path):
     assert np.load(paths["det_anchors_900"]).shape == (900, 11)
     entry = json.loads((copy / "manifest.json").read_text())["assets"]["det_anchors_900"]
     assert entry["path"] == "anchors/nuscenes_kmeans900.npy" and entry["shape"] == [900, 11]
+
+
+@pytest.mark.slow
+def test_benchmark_times_every_stage(toy, prepared, synth_root, tmp_path):
+    """`--benchmark` of a staged preset times each stage on its own (no stage waits for an earlier one's
+    checkpoint, none is marked finished)."""
+    from raydrive.launch.train import DONE_FILE, resolve_stages, run_stages
+
+    args = toy_args(
+        prepared,
+        synth_root,
+        tmp_path,
+        "bm",
+        "--preset",
+        "ab",
+        "--benchmark",
+        "run.benchmark_steps=3",
+        "run.benchmark_warmup=1",
+    )
+    results = run_stages(resolve_stages(args))
+    assert [c.preset for c, _ in results] == ["a", "b"] and all(r.error is None for _, r in results)
+    assert results[1][0].run.load_from is None
+    for cfg, _ in results:
+        assert (tmp_path / cfg.run.name / "benchmark.json").is_file()
+        assert not (tmp_path / cfg.run.name / DONE_FILE).exists()

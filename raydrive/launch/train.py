@@ -411,11 +411,20 @@ def finished(result) -> bool:
 def run_stages(cfgs: list[TrainConfig], env: dict[str, str] | None = None, verbose: bool = False) -> list:
     """Run the stages in order; a later stage's `run.load_from = "stage:<preset>"` is the final
     checkpoint of that earlier stage. Stages that finished before (their run folder holds DONE_FILE)
-    are skipped, so a re-run continues in the stage it stopped in."""
+    are skipped, so a re-run continues in the stage it stopped in. A `--benchmark` times every stage on
+    its own: a later stage starts from fresh weights (timing needs none) and nothing is marked finished."""
     results = []
     for cfg in cfgs:
         storage = storage_root(cfg.run.storage_path)
         done = storage / cfg.run.name / DONE_FILE
+        if cfg.run.benchmark:
+            if (cfg.run.load_from or "").startswith("stage:"):
+                cfg.run = dataclasses.replace(cfg.run, load_from=None)
+            result = run(cfg, env, verbose)
+            results.append((cfg, result))
+            if result.error:
+                break
+            continue
         if len(cfgs) > 1 and done.is_file():
             print(f"[raydrive] stage {cfg.preset} finished before ({json.loads(done.read_text())['checkpoint']})")
             continue
