@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,21 @@ BEVDEPTH_TINY = ["data.cpus_per_task=0.25", "run.log_every=1"]
 STREAMPETR_TINY = ["data.cpus_per_task=0.25", "run.log_every=1"]
 # per model: the small preset shrunk for end-to-end tests (shared tests are parametrised over these)
 TINY = {"sparse4d": SPARSE4D_TINY, "bevdepth": BEVDEPTH_TINY, "streampetr": STREAMPETR_TINY}
+KEY_LISTS = Path(__file__).resolve().parent / "data"  # upstream state-dict key lists, copied from shared/specs/keys
+
+
+def upstream_keys(name: str, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """An upstream key list (tests/data/<name>) as key -> shape, in upstream's order; with `prefix`,
+    only the keys under it, the prefix stripped."""
+    out = {}
+    for line in (KEY_LISTS / name).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, shape = line.split(" ", 1)
+            if key.startswith(prefix):
+                out[key[len(prefix) :]] = tuple(int(x) for x in shape.strip("() ").split(",") if x.strip())
+    return out
+
+
 SMALL = dict(scenes=3, samples_per_scene=6, image_width=800, image_height=450, objects_per_scene=20, seed=3)
 
 

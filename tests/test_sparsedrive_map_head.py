@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import upstream_keys
 from shapely.geometry import LineString
 
 from raydrive.models.sparsedrive.map_head import MapHead, MapHeadConfig, PolylineProjection
 from raydrive.models.sparsedrive.map_target import map_targets, resample_line
 
-KEYS = Path("/work/shared/specs/keys")
 PREFIX = "head.map_head."
 
 
 def upstream_map_keys(stage: int) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in (KEYS / f"sparsedrive_small_stage{stage}.txt").read_text().splitlines():
-        key, shape = line.split(" ", 1)
-        if key.startswith(PREFIX):
-            out[key[len(PREFIX) :]] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return out
+    return upstream_keys(f"sparsedrive_small_stage{stage}.txt", PREFIX)
 
 
 def small_cfg(**kw) -> MapHeadConfig:

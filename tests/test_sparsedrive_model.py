@@ -4,29 +4,18 @@ evaluator reads, and keep every head's temporal state through the engine's calls
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import upstream_keys
 
 from raydrive.config import Batching
 from raydrive.data.pipeline import FramePipeline, PipelineConfig, arrow_to_numpy_batch, collate, map_block
 from raydrive.trainers import get_spec
 
-KEYS = Path(__file__).resolve().parent / "data"  # upstream key lists (copied from shared/specs/keys)
 UPSTREAM = {
     "stage1": ("sparsedrive_small_stage1.txt", 1179, 75_675_882),
     "stage2": ("sparsedrive_small_stage2.txt", 1324, 86_142_365),
 }
-
-
-def upstream_keys(name: str) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in (KEYS / name).read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape = line.split(" ", 1)
-            out[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
-    return out
 
 
 @pytest.mark.parametrize("preset", ["stage1", "stage2"])

@@ -4,16 +4,15 @@ tracking and resets, best-mode losses, collision-aware plan selection and the te
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import upstream_keys
 
 from raydrive.models.sparse4d.blocks import AnchorEncoder
 from raydrive.models.sparsedrive.motion import MotionConfig, MotionPlanningHead, boxes_collide
 from raydrive.models.sparsedrive.motion_target import motion_loss
 
-KEYS = Path("/work/shared/specs/keys/sparsedrive_small_stage2.txt")
 PREFIX = "head.motion_plan_head."
 BS, N, NUM_MAP, C = 2, 12, 6, 32
 
@@ -84,11 +83,7 @@ def step(head, frame: int, ids=None, **kw) -> dict:
 
 
 def test_state_dict_matches_upstream_keys():
-    expected = {}
-    for line in KEYS.read_text().splitlines():
-        name, shape = line.split(" ", 1)
-        if name.startswith(PREFIX):
-            expected[name[len(PREFIX) :]] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+    expected = upstream_keys("sparsedrive_small_stage2.txt", PREFIX)
     head = MotionPlanningHead(MotionConfig())
     got = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     assert got == expected

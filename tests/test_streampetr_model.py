@@ -3,27 +3,16 @@ frames, decodes in the evaluator's convention, and keeps its memory per slot thr
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import upstream_keys
 
 from raydrive.config import Batching
 from raydrive.data.pipeline import FramePipeline, PipelineConfig, arrow_to_numpy_batch, collate, map_block
 from raydrive.engine.checkpoint import load_weights
 from raydrive.trainers import get_spec
 
-KEYS = Path(__file__).resolve().parent / "data"  # upstream key lists (copied from shared/specs/keys)
 UPSTREAM = {"full": ("streampetr_vov99_800.txt", 899, 82_947_153), "r50": ("streampetr_r50_704.txt", 591, 37_259_345)}
-
-
-def upstream_keys(name: str) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in (KEYS / name).read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape = line.split(" ", 1)
-            out[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
-    return out
 
 
 @pytest.mark.parametrize("preset", ["full", "r50"])
@@ -115,3 +104,41 @@ def test_predict_gives_centre_z_boxes_and_the_memory_is_per_slot(prepared):
     assert not torch.allclose(reset[0]["scores"], out[0]["scores"])
     torch.testing.assert_close(reset[1]["boxes"], out[1]["boxes"])
     torch.testing.assert_close(reset[1]["scores"], out[1]["scores"])
+
+
+def test_reference_points_from_anchors_places_the_queries_at_the_normalised_anchors(tmp_path):
+    """Default: upstream's uniform init in [0, 1]; with the option, the first num_query reference points
+    are the asset's anchor centres normalised by pc_range (clipped), the rest keep their uniform init."""
+    import numpy as np
+
+    from raydrive.trainers.streampetr import ANCHORS
+
+    spec = get_spec("streampetr")
+    assert ANCHORS in spec.assets
+    cfg = spec.config("small").model
+    lo, hi = np.array(cfg.pc_range[:3]), np.array(cfg.pc_range[3:])
+    rng = np.random.default_rng(0)
+    anchors = np.zeros((900, 11), np.float32)
+    anchors[:, :3] = rng.uniform(lo - 5, hi + 5, (900, 3))  # some outside pc_range: clipped
+    np.save(tmp_path / "anchors.npy", anchors)
+    assets = {ANCHORS: tmp_path / "anchors.npy"}
+
+    torch.manual_seed(0)
+    default = spec.build_model(cfg, assets).pts_bbox_head.reference_points.weight.detach()
+    torch.manual_seed(0)
+    upstream = torch.empty(cfg.num_query, 3).uniform_(0, 1)  # the head's first draw: upstream's init
+    torch.testing.assert_close(default, upstream)
+    assert not cfg.reference_points_from_anchors and not spec.config("full").model.reference_points_from_anchors
+
+    cfg.reference_points_from_anchors = True
+    refs = spec.build_model(cfg, assets).pts_bbox_head.reference_points.weight.detach()
+    want = np.clip((anchors[: cfg.num_query, :3] - lo) / (hi - lo), 0, 1)
+    torch.testing.assert_close(refs, torch.from_numpy(want).float())
+    assert refs.min() == 0 and refs.max() == 1
+
+    cfg.num_query = 1000  # more queries than anchors: the last 100 keep the uniform init
+    refs = spec.build_model(cfg, assets).pts_bbox_head.reference_points.weight.detach()
+    torch.testing.assert_close(refs[:900], torch.from_numpy(np.clip((anchors[:, :3] - lo) / (hi - lo), 0, 1)).float())
+    assert ((refs[900:] > 0) & (refs[900:] < 1)).all()
+    with pytest.raises(ValueError, match="det_anchors_900"):
+        spec.build_model(cfg, {})

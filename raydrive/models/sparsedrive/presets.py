@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 
 from raydrive.config import DataSection, OptimSection, RunSection, TrainConfig
+from raydrive.models.sparse4d.model import Sparse4DConfig
 from raydrive.models.sparse4d.presets import UPSTREAM_OPTIM as SPARSE4D_OPTIM
+from raydrive.models.sparse4d.presets import small as sparse4d_small
 from raydrive.models.sparsedrive.config import SparseDriveConfig
 from raydrive.models.sparsedrive.mapper import SparseDriveMapperConfig
 
@@ -46,29 +48,21 @@ def stage2() -> TrainConfig:
     )
 
 
-SMALL_MODEL = dict(
-    image_hw=(128, 352),
-    backbone_depth=18,
-    backbone_base_channels=16,
-    backbone_blocks=(1, 1, 1, 1),
-    backbone_with_cp=False,
-    out_indices=(1, 2, 3),
-    embed_dims=64,
-    num_groups=4,
-    num_decoder=3,
-    num_anchor=100,
-    num_temp_instances=50,
-    num_learnable_pts=2,
-    anchor_encoder_dims=(32, 8, 8, 16),
-    num_depth_layers=2,
-    decode_top_k=100,
-    num_dn_groups=1,  # upstream SparseDrive has none; one group speeds up learning on the tiny set, as for Sparse4D
-    map_num_anchor=30,
-    map_num_learnable_pts=1,
-    motion_num_layers=1,
-    motion_num_det=20,
-    motion_num_map=5,
-)
+def _small_model(**overrides) -> SparseDriveConfig:
+    """Sparse4D's small sizes (backbone, image, anchors, decoder), SparseDrive's own defaults where the two
+    configs differ (no DN, the yaw swap fixed, ...), then the small map head and planner."""
+    sizes = dataclasses.asdict(sparse4d_small().model)
+    own = dataclasses.asdict(SparseDriveConfig())
+    shared = {k: v for k, v in sizes.items() if getattr(Sparse4DConfig(), k) == own[k]}
+    small = dict(
+        num_dn_groups=1,  # upstream SparseDrive has none; one group speeds up learning on the tiny set
+        map_num_anchor=30,
+        map_num_learnable_pts=1,
+        motion_num_layers=1,
+        motion_num_det=20,
+        motion_num_map=5,
+    )
+    return SparseDriveConfig(**{**shared, **small, **overrides})
 
 
 def small_stage1() -> TrainConfig:
@@ -81,7 +75,7 @@ def small_stage1() -> TrainConfig:
         ),
         data=DataSection(seq_split_num=2),
         optim=OptimSection(**{**STAGE1_OPTIM, "lr": 3e-3, "warmup_iters": 30, "lr_mults": {}}),
-        model=SparseDriveConfig(**SMALL_MODEL, with_motion_plan=False, map_num_temp_instances=0),
+        model=_small_model(with_motion_plan=False, map_num_temp_instances=0),
         mapper=SparseDriveMapperConfig(photometric=False),
     )
 
@@ -92,7 +86,7 @@ def small_stage2() -> TrainConfig:
     cfg.preset = "small_stage2"
     cfg.run = dataclasses.replace(cfg.run, epochs=4, load_from="stage:small_stage1")
     cfg.optim = OptimSection(**{**STAGE2_OPTIM, "lr": 2e-3, "warmup_iters": 10, "lr_mults": {}})
-    cfg.model = SparseDriveConfig(**SMALL_MODEL, map_num_temp_instances=10)
+    cfg.model = _small_model(map_num_temp_instances=10)
     return cfg
 
 
