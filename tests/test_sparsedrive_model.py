@@ -75,9 +75,9 @@ def test_small_stages_train_predict_and_carry_state(prepared):
     out = model.predict(eval_batches[1])
     model.load_temporal_state(saved)
     again = model.predict(eval_batches[1])
-    for key in ("boxes", "map_vectors", "trajs", "plan"):
+    for key in ("boxes", "map_polylines", "trajectories", "ego_trajectory"):
         assert out[0][key].shape == again[0][key].shape
         torch.testing.assert_close(torch.as_tensor(out[0][key]), torch.as_tensor(again[0][key]))
     frame = out[0]
-    assert frame["plan"].shape == (6, 2) and frame["trajs"].shape[1:] == (6, 12, 2)
-    assert frame["map_vectors"].shape[1:] == (20, 2) and len(frame["instance_ids"]) == len(frame["boxes"])
+    assert frame["ego_trajectory"].shape == (6, 2) and frame["trajectories"].shape[1:] == (6, 12, 2)
+    assert frame["map_polylines"].shape[1:] == (20, 2) and len(frame["instance_ids"]) == len(frame["boxes"])

@@ -17,7 +17,8 @@ import numpy as np
 from raydrive.eval.detection import NuScenesDetectionEvaluator, evaluate, format_table
 
 DETECTION_KEYS = ("boxes", "scores", "labels", "instance_ids", "cls_scores")
-MAP_KEYS = ("map_vectors", "map_scores", "map_labels")
+MAP_KEYS = ("map_polylines", "map_scores", "map_labels")
+PLAN_KEYS = ("trajectories", "trajectory_scores", "ego_trajectory")
 
 
 class SparseDriveEvaluator(NuScenesDetectionEvaluator):
@@ -29,7 +30,7 @@ class SparseDriveEvaluator(NuScenesDetectionEvaluator):
         self.headline = ("mAP", "NDS", "amota", "map_mAP") + (("L2_avg", "collision_avg") if with_plan else ())
 
     def process(self, batch: dict, outputs: list[dict]) -> None:
-        keys = DETECTION_KEYS + MAP_KEYS + (("plan",) if self.with_plan else ())
+        keys = DETECTION_KEYS + MAP_KEYS + (PLAN_KEYS if self.with_plan else ())
         for token, out in zip(batch["token"], outputs):
             self.predictions[token] = {k: np.asarray(out[k]) for k in keys if k in out}
 
@@ -52,7 +53,7 @@ class SparseDriveEvaluator(NuScenesDetectionEvaluator):
         scored = [r for r in records if r["token"] in predictions]
         map_preds = [
             {
-                "vectors": predictions[r["token"]]["map_vectors"],
+                "vectors": predictions[r["token"]]["map_polylines"],
                 "scores": predictions[r["token"]]["map_scores"],
                 "labels": predictions[r["token"]]["map_labels"],
             }
@@ -60,7 +61,7 @@ class SparseDriveEvaluator(NuScenesDetectionEvaluator):
         ]
         metrics.update(map_ap(map_preds, [map_annos_from_columns(r) for r in scored]))
         if self.with_plan:
-            plans = [predictions[r["token"]]["plan"] for r in scored]
+            plans = [predictions[r["token"]]["ego_trajectory"] for r in scored]
             metrics.update(planning_metrics(plans, [planning_gt(r) for r in scored]))
         return metrics
 

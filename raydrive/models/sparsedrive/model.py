@@ -125,9 +125,10 @@ class SparseDrive(Sparse4D):
 
     @torch.no_grad()
     def predict(self, batch: dict) -> list[dict]:
-        """Eval mode, per frame: detection (`boxes`, `scores`, `labels`, `instance_ids`), map (`map_vectors`,
-        `map_scores`, `map_labels`) and, in stage 2, motion (`trajs`, `traj_scores`) and the plan (`plan`,
-        `plan_scores`)."""
+        """Eval mode, per frame (under the keys raydrive/viz draws): detection (`boxes`, `scores`, `labels`,
+        `instance_ids`, `cls_scores`), map (`map_polylines` (K, 20, 2), `map_scores`, `map_labels`) and, in
+        stage 2, motion (`trajectories` (N, 6, 12, 2) positions, `trajectory_scores`) and the plan
+        (`ego_trajectory` (6, 2) positions, `plan_scores`), all in the key-frame lidar frame."""
         if self.training:
             raise RuntimeError("SparseDrive.predict decodes in eval mode: call eval() first")
         device = next(self.parameters()).device
@@ -140,12 +141,17 @@ class SparseDrive(Sparse4D):
             map_out = h.map_head(feats, metas) if h.map_head is not None else None
             if map_out is not None:
                 for r, m in zip(results, h.map_head.decode(map_out)):
-                    r.update(map_vectors=m["vectors"], map_scores=m["scores"], map_labels=m["labels"])
+                    r.update(map_polylines=m["vectors"], map_scores=m["scores"], map_labels=m["labels"])
             if h.motion_plan_head is not None:
                 motion_out = h.motion_plan_head(det_out, map_out, feats, metas, h.det_head.anchor_encoder)
                 command = batch["gt_ego_fut_cmd"].to(device, torch.float32)
                 for r, m in zip(results, h.motion_plan_head.decode(motion_out, results, command)):
-                    r.update(m)
+                    r.update(
+                        trajectories=m["trajs"],
+                        trajectory_scores=m["traj_scores"],
+                        ego_trajectory=m["plan"],
+                        plan_scores=m["plan_scores"],
+                    )
         return results
 
     def _stateful(self) -> dict[str, nn.Module]:
