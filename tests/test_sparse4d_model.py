@@ -135,3 +135,25 @@ def test_temporal_states_swap_between_micro_batches_in_training():
     torch.manual_seed(1)
     again = model(batch)
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_slot_that_starts_a_sequence_drops_its_carried_confidence():
+    """Upstream instance_bank.py `update`: a slot whose cache is dropped carries no confidence into the
+    next `cache()` (which keeps max(decayed carried, current) for the leading queries); the other slot
+    keeps its own."""
+    from raydrive.models.sparse4d.head import InstanceBank
+
+    torch.manual_seed(0)
+    bank = InstanceBank(num_anchor=8, embed_dims=4, anchor=None, num_temp_instances=4)
+    eye = torch.eye(4, dtype=torch.float64).expand(2, 4, 4)
+    metas = {"timestamp": torch.zeros(2, dtype=torch.float64), "T_global": eye, "T_global_inv": eye}
+    feature, anchor, *_ = bank.get(2, metas)
+    bank.cache(feature + 1, anchor, torch.randn(2, 8, 3), metas)
+    carried = bank.confidence.clone()
+    bank.reset(torch.tensor([False, True]))
+    metas = {**metas, "timestamp": torch.full((2,), 0.5, dtype=torch.float64)}
+    feature, anchor, *_ = bank.get(2, metas)
+    bank.update(feature, anchor, torch.randn(2, 8, 3))
+    assert bank.mask.tolist() == [True, False]
+    torch.testing.assert_close(bank.confidence[0], carried[0])
+    assert torch.all(bank.confidence[1] == 0)

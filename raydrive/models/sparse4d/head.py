@@ -136,7 +136,11 @@ class InstanceBank(nn.Module):
         m = self.mask[:, None, None]
         instance_feature = torch.where(m, sel_feat, instance_feature)
         anchor = torch.where(m, sel_anchor, anchor)
-        if self.instance_id is not None:  # slots that dropped their cache: their queries have no id yet
+        # slots that dropped their cache carry no confidence (cache() would otherwise raise this frame's
+        # leading queries with a stale one) and their queries have no id yet (upstream instance_bank.py update)
+        if self.confidence is not None:
+            self.confidence = torch.where(self.mask[:, None], self.confidence, self.confidence.new_tensor(0))
+        if self.instance_id is not None:
             self.instance_id = torch.where(self.mask[:, None], self.instance_id, self.instance_id.new_tensor(-1))
         if num_dn > 0:
             instance_feature = torch.cat([instance_feature, dn_feat], dim=1)
