@@ -11,9 +11,13 @@ batch-norm statistics calibrated on the images, then perturbed), copied into ray
 `load_state_dict(strict=True)`, and both run two consecutive frames of one sequence (frame 2 through the
 detection and map instance banks and the motion instance queue, with an ego motion and nuScenes-like
 timestamps) in eval mode: upstream `SparseDrive.simple_test` (head forward + `post_process`) against
-raydrive `SparseDrive.predict`. Same-named modules are hooked on both sides (backbone, neck, depth branch,
-every layer of the detection, map and motion/planning heads); every stage prints max |diff| and the
-reference's max |x|; the run exits 1 when a stage exceeds 1e-6.
+raydrive `SparseDrive.predict`; then in train mode (upstream `forward_train` against raydrive `forward`,
+dropout off, the same two frames with synthetic GT: boxes, map polylines, agent and ego futures) every loss
+term, without backward. Same-named modules are hooked on both sides (backbone, neck, depth branch, every
+layer of the detection, map and motion/planning heads, the anchor encoders, the ego encoder); the head
+outputs, the temporal state after each frame (instance banks, motion queue) and the decoded results are
+compared too. Every stage prints max |diff| and the reference's max |x|; the run exits 1 when a stage
+exceeds 1e-6.
 
 Stand-ins (everything upstream needs that cannot run on a CPU-only machine) are in the STAND-INS section
 below and only there; each says what it replaces. The deformable-aggregation stand-in implements the CUDA
@@ -525,7 +529,19 @@ def compare_state(tag: str, up, rd):
         compare(f"{tag} motion queue {rd_name}", getattr(q, up_name), st[f"motion.{rd_name}"])
 
 
+# raydrive's predict() keys (older names second)
+RD_KEYS = {
+    "map_vectors": ("map_polylines", "map_vectors"),
+    "trajs": ("trajectories", "trajs"),
+    "traj_scores": ("trajectory_scores", "traj_scores"),
+    "plan": ("ego_trajectory", "plan"),
+}
+
+
 def compare_decoded(tag: str, up: dict, rd: dict, det_out: dict):
+    rd = dict(rd)
+    for key, names in RD_KEYS.items():
+        rd[key] = next(rd[k] for k in names if k in rd)
     n = len(up["scores_3d"])
     # upstream decode_box keeps vz (10 columns: x y z w l h yaw vx vy vz); raydrive returns the 9 the
     # nuScenes format reads (vz is never used downstream)
@@ -723,7 +739,8 @@ def run_train(up, rd, frames, h, w, batch_size: int, seed: int):
             guarded(f"{tag} layers", compare_layers, tag, up, U, R)
             guarded(f"{tag} head outputs", compare_head_outputs, tag, U, R)
             guarded(f"{tag} temporal state", compare_state, tag, up, rd)
-            loss_up = {loss_name(k): v for k, v in loss_up.items()}
+            # upstream's motion losses come as shape (1,) (their avg_factor is a tensor), raydrive's as ()
+            loss_up = {loss_name(k): v.reshape(()) if v.numel() == 1 else v for k, v in loss_up.items()}
             extra = sorted(set(loss_up) ^ set(loss_rd))
             row(
                 f"{tag} loss keys ({len(loss_up)} upstream){' ' + str(extra) if extra else ''}",
