@@ -14,6 +14,15 @@ from torch import nn
 
 from raydrive.ops import deformable_aggregation
 
+# mmdet's weight_reduce_loss divides a loss sum by (avg_factor + float32 eps), in every dtype
+AVG_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def averaged(total: torch.Tensor, avg_factor: float) -> torch.Tensor:
+    """A loss sum over mmdet's normaliser (`mmdet/models/losses/utils.py` weight_reduce_loss)."""
+    return total / (avg_factor + AVG_EPS)
+
+
 X, Y, Z, W, L, H, SIN_YAW, COS_YAW, VX, VY, VZ = range(11)
 CNS, YNS = 0, 1
 
@@ -322,7 +331,7 @@ def focal_loss(
     pt = (1 - p) * target + p * (1 - target)
     w = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * w
-    return loss.sum() / avg_factor * weight
+    return averaged(loss.sum(), avg_factor) * weight
 
 
 def gaussian_focal_loss(
@@ -335,4 +344,4 @@ def gaussian_focal_loss(
 ) -> torch.Tensor:
     pos = -(pred + eps).log() * (1 - pred).pow(alpha) * target.eq(1)
     neg = -(1 - pred + eps).log() * pred.pow(alpha) * (1 - target).pow(gamma)
-    return (pos + neg).sum() / avg_factor
+    return averaged((pos + neg).sum(), avg_factor)

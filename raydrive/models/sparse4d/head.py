@@ -35,6 +35,7 @@ from raydrive.models.sparse4d.blocks import (
     RefinementModule,
     X,
     Z,
+    averaged,
     focal_loss,
     gaussian_focal_loss,
 )
@@ -496,7 +497,7 @@ class Sparse4DHead(nn.Module):
             for k, (cls, reg) in enumerate(zip(out["dn_classification"], out["dn_prediction"])):
                 losses[f"loss_cls_dn_{k}"] = focal_loss(cls.flatten(0, 1)[valid], dn_cls, num_dn, weight=2.0)
                 pred = reg.flatten(0, 1)[valid][pos][..., :nreg]
-                losses[f"loss_box_dn_{k}"] = (torch.abs(pred - dn_reg[pos]) * reg_w).sum() / num_dn * 0.25
+                losses[f"loss_box_dn_{k}"] = averaged((torch.abs(pred - dn_reg[pos]) * reg_w).sum(), num_dn) * 0.25
         return losses
 
     def _reg_loss(self, box, target, weight, avg, suffix, quality, cls_target) -> dict:
@@ -507,11 +508,11 @@ class Sparse4DHead(nn.Module):
         target[..., [SIN_YAW, COS_YAW]] = torch.where(
             reverse[..., None], -target[..., [SIN_YAW, COS_YAW]], target[..., [SIN_YAW, COS_YAW]]
         )
-        out = {f"loss_box{suffix}": (torch.abs(box - target) * weight).sum() / avg * 0.25}
+        out = {f"loss_box{suffix}": averaged((torch.abs(box - target) * weight).sum(), avg) * 0.25}
         if quality is not None:
             cns_target = torch.exp(-torch.norm(target[..., X : Z + 1] - box[..., X : Z + 1], dim=-1))
-            out[f"loss_cns{suffix}"] = (
-                F.binary_cross_entropy_with_logits(quality[..., CNS], cns_target.detach(), reduction="sum") / avg
+            out[f"loss_cns{suffix}"] = averaged(
+                F.binary_cross_entropy_with_logits(quality[..., CNS], cns_target.detach(), reduction="sum"), avg
             )
             yns_target = (
                 F.cosine_similarity(target[..., [SIN_YAW, COS_YAW]], box[..., [SIN_YAW, COS_YAW]], dim=-1) > 0

@@ -18,6 +18,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from raydrive.data.sparsedrive_fields import ROI_SIZE
+from raydrive.models.sparse4d.blocks import averaged
 
 NUM_SAMPLE = 20
 PAD_VALUE = 1e5  # open polylines fill their unused permutation rows with this (metres)
@@ -158,4 +159,4 @@ def line_loss(
     if pred.numel() == 0:
         return pred.sum() * 0.0
     d = smooth_l1(normalize_line(pred, roi_size) - normalize_line(target, roi_size), beta)
-    return (d * weight).sum() / avg_factor / (pred.shape[-1] // 2) * loss_weight
+    return averaged((d * weight).sum(), avg_factor) / (pred.shape[-1] // 2) * loss_weight

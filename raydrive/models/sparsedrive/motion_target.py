@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from raydrive.models.sparse4d.blocks import focal_loss
+from raydrive.models.sparse4d.blocks import averaged, focal_loss
 from raydrive.models.sparse4d.head import reduce_mean
 
 
@@ -72,7 +72,7 @@ def motion_loss(
     loss_cls = focal_loss(cls[valid], mode[valid], avg, weight=cls_weight)
     best = pick_mode(reg, mode)
     gap = (best.cumsum(dim=-2) - target.cumsum(dim=-2)).abs() * mask[..., None]
-    return {"loss_motion_cls": loss_cls, "loss_motion_reg": gap.sum() / avg * reg_weight}
+    return {"loss_motion_cls": loss_cls, "loss_motion_reg": averaged(gap.sum(), avg) * reg_weight}
 
 
 def planning_loss(
