@@ -317,12 +317,14 @@ class GridMask(nn.Module):
 def focal_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    avg_factor: float,
+    avg_factor: float | None,
     alpha: float = 0.25,
     gamma: float = 2.0,
     weight: float = 1.0,
 ) -> torch.Tensor:
-    """Sigmoid focal loss; a label outside [0, num_cls) (background, -3 DN negatives) is all-negative."""
+    """Sigmoid focal loss; a label outside [0, num_cls) (background, -3 DN negatives) is all-negative.
+    The sum over mmdet's `avg_factor` normaliser, or (None) the plain sum, which a caller taking mmdet's
+    "mean" reduction divides itself."""
     num_cls = logits.shape[-1]
     valid = (labels >= 0) & (labels < num_cls)
     target = torch.zeros_like(logits)
@@ -331,7 +333,8 @@ def focal_loss(
     pt = (1 - p) * target + p * (1 - target)
     w = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * w
-    return averaged(loss.sum(), avg_factor) * weight
+    total = loss.sum() if avg_factor is None else averaged(loss.sum(), avg_factor)
+    return total * weight
 
 
 def gaussian_focal_loss(

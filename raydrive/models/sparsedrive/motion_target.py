@@ -98,7 +98,8 @@ def planning_loss(
     gt_trajs, gt_masks = gt_trajs.to(reg), gt_masks.to(reg)
     mode = best_mode(reg, gt_trajs, gt_masks)
     valid = gt_masks.any(dim=-1)
-    loss_cls = focal_loss(cls[valid], mode[valid], float(cls.numel()), weight=cls_weight)
+    # mmdet's mean reduction over every logit (masked ones weigh 0): no avg_factor, so no eps
+    loss_cls = focal_loss(cls[valid], mode[valid], None, weight=cls_weight) / cls.numel()
     gap = (pick_mode(reg, mode) - gt_trajs).abs() * gt_masks[..., None]
     loss_status = (status.squeeze(1) - ego_status.to(status)).abs().mean()
     return {
