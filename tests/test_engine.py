@@ -65,18 +65,3 @@ def test_param_groups_apply_lr_multipliers():
     by_mult = {g["lr_mult"]: g for g in groups}
     assert by_mult[0.5]["lr"] == pytest.approx(5e-4) and len(by_mult[0.5]["params"]) == 2
     assert by_mult[1.0]["lr"] == pytest.approx(1e-3) and len(by_mult[1.0]["params"]) == 2
-
-
-def test_resume_point_takes_the_newest_complete_checkpoint_on_disk(tmp_path):
-    """A worker restart inside one run (a lost node) continues from checkpoints Ray has not registered yet;
-    a broken newer one is skipped."""
-    from raydrive.engine.state import resume_point
-
-    run = tmp_path / "run"
-    for step in (2, 4):
-        ckpt.save(run / f"checkpoint_{step:06d}", {}, {}, {"step": step})
-    (run / "checkpoint_000006").mkdir()  # started, never completed
-    assert resume_point(None, None, run) == str(run / "checkpoint_000004")
-    assert resume_point(None, str(run / "checkpoint_000002"), run) == str(run / "checkpoint_000004")
-    assert resume_point(None, None, tmp_path / "absent") is None
-    assert resume_point(None, str(run / "checkpoint_000002"), None) == str(run / "checkpoint_000002")

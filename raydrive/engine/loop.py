@@ -244,7 +244,7 @@ def _train(spec: ModelSpec, cfg: TrainConfig, config: dict, ctx) -> None:
     torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
     w = Worker(spec, cfg, rank, world, device, PRECISIONS[config["precision"]])
     w.progress = Progress(config.get("progress"), rank)
-    restored = _on_every_rank(resume_point(ray.train.get_checkpoint(), config.get("resume_from"), _run_dir(cfg)))
+    restored = resume_point(ray.train.get_checkpoint(), config.get("resume_from"))
     if restored is not None:
         restore(w, restored)
     w.tb = TensorBoardLog(_tensorboard_dir(cfg, ctx.get_experiment_name()), rank, w.state.resumed_from)
@@ -262,25 +262,6 @@ def _train(spec: ModelSpec, cfg: TrainConfig, config: dict, ctx) -> None:
         finish(w, before)
     finally:
         w.tb.close()
-
-
-def _run_dir(cfg) -> Path | None:
-    """The run folder when storage is a local or mounted path (a URI has none to scan)."""
-    storage = cfg.run.storage_path
-    return Path(storage) / cfg.run.name if storage and "://" not in str(storage) and cfg.run.name else None
-
-
-def _on_every_rank(value):
-    """Rank 0's value on every rank: all ranks must restore the same checkpoint."""
-    if (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
 
 
 def _tensorboard_dir(cfg: TrainConfig, run_name: str) -> Path | None:

@@ -85,26 +85,17 @@ def checkpoint_and_report(w, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
 
 
-def resume_point(registered, resume_from: str | None, run_dir: Path | None = None):
-    """What to continue from: the latest of Ray's registered checkpoint, `resume_from` (the newest
-    complete checkpoint the driver found when the run started) and the newest complete checkpoint in
-    `run_dir` now. The last one matters when Ray restarts the workers inside one run (a lost node):
-    checkpoints written after the start but not yet registered with Ray are on disk. None: start afresh."""
-    candidates = [registered] if registered is not None else []
-    if resume_from and Path(resume_from).is_dir():
-        candidates.append(resume_from)
-    if run_dir is not None and Path(run_dir).is_dir():
-        complete, _ = ckpt.scan(Path(run_dir))
-        if complete:
-            candidates.append(str(complete[-1]))
-    return max(candidates, key=_step_of, default=None)
-
-
-def _step_of(checkpoint) -> int:
-    if isinstance(checkpoint, str):
-        return ckpt.checkpoint_step(Path(checkpoint)) or 0
-    with checkpoint.as_directory() as d:
-        return ckpt.checkpoint_step(Path(d)) or 0
+def resume_point(registered, resume_from: str | None):
+    """What to continue from: Ray's latest registered checkpoint or `resume_from` (the newest complete
+    checkpoint the driver found in the run folder, which Ray may not have registered), whichever holds
+    the later step; None to start afresh."""
+    if not resume_from or not Path(resume_from).is_dir():
+        return registered
+    if registered is None:
+        return resume_from
+    with registered.as_directory() as d:
+        ray_step = ckpt.checkpoint_step(Path(d)) or 0
+    return resume_from if (ckpt.checkpoint_step(Path(resume_from)) or 0) > ray_step else registered
 
 
 def restore(w, checkpoint) -> None:
