@@ -115,7 +115,7 @@ class Sparse4DMapper:
                 keep = (uv[:, 0] >= 0) & (uv[:, 0] < fw) & (uv[:, 1] >= 0) & (uv[:, 1] < fh)
                 depth_rows.append(np.concatenate([np.full((keep.sum(), 1), c), uv[keep], uvd[keep, 2:3]], 1))
         l2g = geo.lidar_to_global(row) @ bev_inv
-        boxes, labels, ids, _ = self._targets(row, bev)
+        boxes, labels, ids = self._targets(row, bev)
         return {
             "img": np.stack(imgs),
             "projection_mat": np.stack(projs).astype(np.float32),
@@ -136,10 +136,9 @@ class Sparse4DMapper:
         img = read_camera_image(path, width, height, row["token"], img_aug.resize_dims)
         return np.asarray(apply_image_aug(img, img_aug))
 
-    def _targets(self, row: dict, bev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Boxes (N, 9), labels and instance ids of the kept objects, and the keep mask over the record's."""
+    def _keep(self, row: dict) -> np.ndarray:
+        """Which of the record's objects are targets: the 10 classes, within range, with points."""
         boxes = stack_ragged(row["gt_boxes"], (7,), np.float64)
-        vel = np.nan_to_num(stack_ragged(row["gt_velocity"], (2,), np.float64))
         names = np.array([str(x) for x in row["gt_names"]], dtype=object)
         keep = np.isin(names, CLASSES) & (np.linalg.norm(boxes[:, :2], axis=1) <= self.max_range)
         if self.only_valid:
@@ -147,6 +146,14 @@ class Sparse4DMapper:
             if self.radar_counts:
                 points = points + stack_ragged(row["num_radar_pts"], (), np.int64)
             keep &= points > 0
+        return keep
+
+    def _targets(self, row: dict, bev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes (N, 9), labels and instance ids of the kept objects (`_keep`)."""
+        keep = self._keep(row)
+        boxes = stack_ragged(row["gt_boxes"], (7,), np.float64)
+        vel = np.nan_to_num(stack_ragged(row["gt_velocity"], (2,), np.float64))
+        names = np.array([str(x) for x in row["gt_names"]], dtype=object)
         boxes9 = apply_bev_aug(np.concatenate([boxes, vel], axis=1)[keep], bev).astype(np.float32)
         labels = np.array([CLASSES.index(x) for x in names[keep]], dtype=np.int64)
-        return boxes9, labels, stack_ragged(row["instance_inds"], (), np.int64)[keep], keep
+        return boxes9, labels, stack_ragged(row["instance_inds"], (), np.int64)[keep]

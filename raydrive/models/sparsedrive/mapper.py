@@ -61,7 +61,7 @@ class SparseDriveMapper(Sparse4DMapper):
                 f"frame {row['token']} has no {missing}: prepare the set with the nuScenes map expansion "
                 "and CAN bus installed (`raydrive prepare`; see `raydrive doctor`)"
             )
-        _, _, _, keep = self._targets(row, np.eye(4))
+        keep = self._keep(row)  # the boxes super().frame() kept
         trajs = stack_ragged(row["gt_agent_fut_trajs"], (AGENT_FUT_STEPS, 2), np.float32)[keep]
         masks = stack_ragged(row["gt_agent_fut_masks"], (AGENT_FUT_STEPS,), np.float32)[keep]
         cols = {
