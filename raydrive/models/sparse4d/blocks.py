@@ -27,6 +27,16 @@ X, Y, Z, W, L, H, SIN_YAW, COS_YAW, VX, VY, VZ = range(11)
 CNS, YNS = 0, 1
 
 
+def xavier_init_except_refine(operation_order: list[str], layers: nn.ModuleList) -> None:
+    """Sparse4D-style heads' first init step (upstream detection3d_head.py `init_weights`): xavier-uniform
+    on every weight matrix of the non-refine layers; the blocks' own `init_weights` follow."""
+    for op, layer in zip(operation_order, layers):
+        if op != "refine":
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+
+
 def linear_relu_ln(embed_dims: int, in_loops: int, out_loops: int, input_dims: int | None = None) -> list[nn.Module]:
     """out_loops x ([Linear, ReLU] x in_loops, LayerNorm): the upstream MLP pattern (indices matter)."""
     layers: list[nn.Module] = []

@@ -38,6 +38,7 @@ from raydrive.models.sparse4d.blocks import (
     averaged,
     focal_loss,
     gaussian_focal_loss,
+    xavier_init_except_refine,
 )
 
 FIX_SCALE = ((0, 0, 0), (0.45, 0, 0), (-0.45, 0, 0), (0, 0.45, 0), (0, -0.45, 0), (0, 0, 0.45), (0, 0, -0.45))
@@ -373,11 +374,7 @@ class Sparse4DHead(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        for op, layer in zip(self.operation_order, self.layers):
-            if op != "refine":
-                for p in layer.parameters():
-                    if p.dim() > 1:
-                        nn.init.xavier_uniform_(p)
+        xavier_init_except_refine(self.operation_order, self.layers)
         for layer in self.layers:
             if hasattr(layer, "init_weights"):
                 layer.init_weights()

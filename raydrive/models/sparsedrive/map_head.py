@@ -27,6 +27,7 @@ from raydrive.models.sparse4d.blocks import (
     Scale,
     focal_loss,
     linear_relu_ln,
+    xavier_init_except_refine,
 )
 from raydrive.models.sparse4d.head import InstanceBank, reduce_mean
 from raydrive.models.sparsedrive.map_target import MapTarget, line_loss
@@ -187,11 +188,7 @@ class MapHead(nn.Module):
 
     def init_weights(self):
         """detection3d_head.init_weights: xavier on the non-refine layers, then each block's own init."""
-        for op, layer in zip(self.operation_order, self.layers):
-            if op != "refine":
-                for p in layer.parameters():
-                    if p.dim() > 1:
-                        nn.init.xavier_uniform_(p)
+        xavier_init_except_refine(self.operation_order, self.layers)
         for layer in self.layers:
             if hasattr(layer, "init_weights"):
                 layer.init_weights()

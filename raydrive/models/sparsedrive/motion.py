@@ -28,7 +28,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from raydrive.models.sparse4d.blocks import CNS, COS_YAW, SIN_YAW, AsymmetricFFN, L, W, X, Y, linear_relu_ln
+from raydrive.models.sparse4d.blocks import (
+    CNS,
+    COS_YAW,
+    SIN_YAW,
+    AsymmetricFFN,
+    L,
+    W,
+    X,
+    Y,
+    linear_relu_ln,
+    xavier_init_except_refine,
+)
 from raydrive.models.sparse4d.head import _topk
 from raydrive.models.sparsedrive.instance_queue import EGO_SIZE, InstanceQueue
 from raydrive.models.sparsedrive.motion_target import motion_loss, planning_loss
@@ -181,11 +192,7 @@ class MotionPlanningHead(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        for op, layer in zip(self.operation_order, self.layers):
-            if op != "refine":
-                for p in layer.parameters():
-                    if p.dim() > 1:
-                        nn.init.xavier_uniform_(p)
+        xavier_init_except_refine(self.operation_order, self.layers)
         self.layers[-1].init_weights()
 
     # ------------------------------------------------------------------ temporal state
