@@ -122,10 +122,13 @@ class Sparse4D(nn.Module):
             out = self.head(feats, self.metas(batch, device), labels, boxes)
             losses = self.head.loss(out, labels, boxes)
             if depths is not None and "depth" in batch:
-                shapes = [d.shape[-2:] for d in depths]
-                gt = depth_maps(batch["depth"], shapes, self.cfg.image_hw, img.shape[1], device)
-                losses["loss_dense_depth"] = self.depth_branch.loss([d.float() for d in depths], gt)
+                losses["loss_dense_depth"] = self.depth_loss(depths, batch["depth"], img.shape[1], device)
         return losses
+
+    def depth_loss(self, depths: list[torch.Tensor], points: list[torch.Tensor], num_cams: int, device) -> torch.Tensor:
+        """The auxiliary dense-depth loss against the frames' lidar depth points (fp32)."""
+        gt = depth_maps(points, [d.shape[-2:] for d in depths], self.cfg.image_hw, num_cams, device)
+        return self.depth_branch.loss([d.float() for d in depths], gt)
 
     @torch.no_grad()
     def predict(self, batch: dict) -> list[dict]:

@@ -105,11 +105,7 @@ class SparseDrive(Sparse4D):
                 motion_out = h.motion_plan_head(det_out, map_out, feats, metas, h.det_head.anchor_encoder)
                 losses.update(h.motion_plan_head.loss(motion_out, det_indices, self._plan_targets(batch, device)))
             if depths is not None and "depth" in batch:
-                from raydrive.models.sparse4d.model import depth_maps
-
-                shapes = [d.shape[-2:] for d in depths]
-                gt = depth_maps(batch["depth"], shapes, self.cfg.image_hw, img.shape[1], device)
-                losses["loss_dense_depth"] = self.depth_branch.loss([d.float() for d in depths], gt)
+                losses["loss_dense_depth"] = self.depth_loss(depths, batch["depth"], img.shape[1], device)
         return losses
 
     @staticmethod
