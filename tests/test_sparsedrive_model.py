@@ -10,6 +10,7 @@ from conftest import upstream_keys
 
 from raydrive.config import Batching
 from raydrive.data.pipeline import FramePipeline, PipelineConfig, arrow_to_numpy_batch, collate, map_block
+from raydrive.engine.checkpoint import load_weights
 from raydrive.trainers import get_spec
 
 UPSTREAM = {
@@ -19,7 +20,7 @@ UPSTREAM = {
 
 
 @pytest.mark.parametrize("preset", ["stage1", "stage2"])
-def test_upstream_stages_are_upstream_key_for_key(preset):
+def test_upstream_stages_are_upstream_key_for_key_and_load_strictly(preset, tmp_path):
     name, num_keys, num_params = UPSTREAM[preset]
     spec = get_spec("sparsedrive")
     model = spec.build_model(spec.config(preset).model, {})
@@ -27,6 +28,19 @@ def test_upstream_stages_are_upstream_key_for_key(preset):
     sd = model.state_dict()
     assert len(keys) == num_keys and {k: tuple(v.shape) for k, v in sd.items()} == keys
     assert sum(p.numel() for p in model.parameters()) == num_params
+
+    # an mmcv-style upstream checkpoint (upstream's sparsedrive_stage{1,2}.pth layout) loads strictly
+    # through --load-from's loader
+    g = torch.Generator().manual_seed(0)
+    upstream = {
+        k: torch.randint(0, 5, s, generator=g) if k.endswith("tracked") else torch.randn(s, generator=g)
+        for k, s in keys.items()
+    }
+    torch.save({"meta": {"epoch": 100}, "state_dict": upstream}, tmp_path / "upstream.pth")
+    result = model.load_state_dict(load_weights(tmp_path / "upstream.pth"), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for key in ("img_backbone.conv1.weight", "head.map_head.instance_bank.anchor"):
+        torch.testing.assert_close(model.state_dict()[key], upstream[key])
 
 
 def _batches(prepared, preset: str, n: int, train: bool = True) -> list[dict]:
