@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="models",
         action="append",
         metavar="MODEL",
-        help="make the assets of this model (repeatable; default: of every registered model)",
+        help="make the assets of this model (repeatable; default: of every registered model); SparseDrive's "
+        "info fields are computed only when sparsedrive is among them",
     )
     s.add_argument("--no-assets", action="store_true", help="make no model assets (e.g. k-means anchors)")
     s.set_defaults(func=_prepare)

@@ -159,3 +159,20 @@ def test_fit_centres_pads_a_small_set_deterministically():
     np.testing.assert_array_equal(a, b)
     assert a.shape == (5, 2)
     assert {tuple(p) for p in np.round(a[:2], 9)} == {(0.0, 0.0), (1.0, 1.0)}
+
+
+def test_a_prepare_for_other_models_skips_the_fields_and_training_sparsedrive_names_the_fix(
+    synth_root, tmp_path, capsys
+):
+    from raydrive.data.parquet import read_split, table_to_records
+    from raydrive.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path / "prepared"
+    cfg = PrepareConfig(out=str(out), dataroot=str(synth_root), depth_gt=False, assets=get_spec("sparse4d").assets)
+    manifest = prepare(cfg)
+    assert manifest["sparsedrive"]["skipped"] and "warning" not in capsys.readouterr().out
+    records = table_to_records(read_split(out / "infos" / "train"))
+    assert not any(r["has_map_annos"] or r["has_futures"] for r in records)
+    with pytest.raises(sf.MissingSparseDriveData, match="prepare --for sparsedrive"):
+        ensure_assets(out, SPARSEDRIVE_ASSETS)
+    assert not (out / "kmeans").exists(), "no asset file the manifest does not list"

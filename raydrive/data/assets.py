@@ -162,11 +162,27 @@ def ensure_assets(prepared: str | Path, names: Iterable[str]) -> dict[str, Path]
         if "train" not in manifest["splits"]:
             raise DataError(f"{prepared} has no train split to compute {', '.join(missing)} from")
         records = table_to_records(read_split(prepared / "infos" / "train"))
-        manifest.setdefault("assets", {}).update(make_assets(missing, records, prepared))
+        manifest.setdefault("assets", {}).update(_make_for(manifest, missing, records, prepared))
         tmp = prepared / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2))
         tmp.replace(prepared / MANIFEST)
     return {n: prepared / get_asset(n).path for n in names}
+
+
+def _make_for(manifest: dict, names: list[str], records: list[dict], prepared: Path) -> dict[str, dict]:
+    """`make_assets`, naming the fix when the folder was prepared without SparseDrive's fields."""
+    from raydrive.data.sparsedrive_fields import MissingSparseDriveData
+
+    try:
+        return make_assets(names, records, prepared)
+    except MissingSparseDriveData as e:
+        if not manifest.get("sparsedrive", {}).get("skipped"):
+            raise
+        raise MissingSparseDriveData(
+            f"{', '.join(names)}: {prepared} was prepared for models that need none of SparseDrive's fields "
+            f"(map annotations, futures, ego status); run `raydrive prepare --for sparsedrive --out {prepared}` "
+            f"with the same --dataroot to add them"
+        ) from e
 
 
 def asset_paths(prepared: str | Path, names: Iterable[str]) -> dict[str, Path]:

@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 import raydrive
-from raydrive.data.assets import make_assets, models_assets
+from raydrive.data.assets import SPARSEDRIVE_ASSETS, make_assets, models_assets
 from raydrive.data.constants import CAMERAS, CLASSES
 from raydrive.data.depth_gt import write_depth_gt
 from raydrive.data.infos import DataError, build_infos, check_files
 from raydrive.data.parquet import SCHEMA_VERSION, sha256_file, write_split
 from raydrive.data.pkl_formats import FILE_NAMES, FORMATS, records_from_pkl, write_pkl
-from raydrive.data.sparsedrive_fields import add_sparsedrive_fields, fields_note, note_warnings
+from raydrive.data.sparsedrive_fields import add_sparsedrive_fields, fields_note, note_warnings, skip_sparsedrive_fields
 
 MANIFEST = "manifest.json"
 
@@ -134,6 +134,7 @@ def _swap_in(staging: Path, out: Path) -> None:
 
 def _build(cfg: PrepareConfig, out: Path) -> dict:
     """The preparation itself, written into `out` (the staging folder)."""
+    assets = models_assets() if cfg.assets is None else cfg.assets
     if cfg.from_pkl:
         records, fmt, version = records_from_pkl(cfg.from_pkl, cfg.dataroot)
         split = cfg.split or _split_from_name(Path(cfg.from_pkl).name)
@@ -157,7 +158,10 @@ def _build(cfg: PrepareConfig, out: Path) -> dict:
         source = {"kind": "nuscenes", "path": str(dataroot)}
         version = cfg.version
         all_records = [r for recs in splits.values() for r in recs]
-        sparsedrive = add_sparsedrive_fields(nusc, dataroot, all_records, cfg.show_progress)
+        if any(a in SPARSEDRIVE_ASSETS for a in assets):
+            sparsedrive = add_sparsedrive_fields(nusc, dataroot, all_records, cfg.show_progress)
+        else:  # no model prepared for needs them (~14 min on full nuScenes)
+            sparsedrive = skip_sparsedrive_fields(all_records)
         checked = check_files(all_records, dataroot, cfg.show_progress)
 
     manifest: dict = {
@@ -196,7 +200,6 @@ def _build(cfg: PrepareConfig, out: Path) -> dict:
         depth_dir = out / "depth_gt"
         n = sum(write_depth_gt(recs, dataroot, depth_dir, cfg.show_progress) for recs in splits.values())
         manifest["depth_gt"] = {"dir": "depth_gt", "files": n}
-    assets = models_assets() if cfg.assets is None else cfg.assets
     if assets and "train" in splits:
         made = make_assets(assets, splits["train"], out, skip_unavailable=cfg.assets is None)
         manifest["assets"] = {name: _stamp(out, entry) for name, entry in made.items()}

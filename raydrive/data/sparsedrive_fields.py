@@ -464,6 +464,22 @@ def add_sparsedrive_fields(nusc, dataroot: str | Path, records: list[dict], show
     }
 
 
+def skip_sparsedrive_fields(records: list[dict]) -> dict:
+    """Fill the empty columns into `records` (a prepare for models that need none of SparseDrive's
+    fields); returns the manifest note that says so, for the error if SparseDrive is trained on it."""
+    for rec in records:
+        rec.update(empty_map_columns())
+        rec.update(empty_future_columns(len(rec["gt_names"])))
+    return {
+        "skipped": True,
+        "map_locations": [],
+        "missing_map_locations": [],
+        "frames_without_map": len(records),
+        "frames_without_futures": len(records),
+        "can_bus": None,
+    }
+
+
 def fields_note(records: list[dict]) -> dict:
     """The manifest's `sparsedrive` note for records read from a pkl (no tree to look into)."""
     no_map = sorted({r["location"] or "(unknown)" for r in records if not r.get("has_map_annos", False)})
@@ -479,6 +495,8 @@ def fields_note(records: list[dict]) -> dict:
 def note_warnings(note: dict) -> list[str]:
     """Prepare's warnings for a `sparsedrive` note: what SparseDrive will lack."""
     out = []
+    if note.get("skipped"):
+        return out  # not asked for
     if note["frames_without_map"]:
         where = ", ".join(note["missing_map_locations"])
         out.append(

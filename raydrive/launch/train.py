@@ -185,7 +185,8 @@ def resolve_data(cfg: TrainConfig) -> None:
             if dataroot is None:
                 raise ConfigError(f"--prepared {prepared} has no {MANIFEST}; run `raydrive prepare` or give --dataroot")
             version = next((v for v in ("v1.0-trainval", "v1.0-mini") if (dataroot / v).is_dir()), "v1.0-mini")
-            prepare(PrepareConfig(out=str(prepared), dataroot=str(dataroot), version=version))
+            assets = get_spec(cfg.model_name).assets  # only this model's (SparseDrive's fields take long)
+            prepare(PrepareConfig(out=str(prepared), dataroot=str(dataroot), version=version, assets=assets))
     verify_prepared(prepared)
     ensure_assets(prepared, get_spec(cfg.model_name).assets)
     cfg.data = dataclasses.replace(d, dataroot=str(dataroot) if dataroot else None, prepared=str(prepared))
