@@ -432,7 +432,8 @@ def test_incomplete_sparsedrive_info_is_named(records, synth_root, tmp_path):
 
 
 def test_default_cache_without_map_expansion_is_rebuilt(tmp_path, monkeypatch):
-    """Caches written before the map expansion existed (and prepared sets of an older schema) are redone."""
+    """Caches written before the map expansion existed or with other synthesis settings (and prepared
+    sets of an older schema) are redone."""
     from raydrive.data import default
     from raydrive.data.parquet import SCHEMA_VERSION
 
@@ -444,6 +445,7 @@ def test_default_cache_without_map_expansion_is_rebuilt(tmp_path, monkeypatch):
             (root / marker).parent.mkdir(parents=True, exist_ok=True)
             (root / marker).write_text("{}")
         calls.append("synth")
+        assert cfg.samples_per_scene >= 13, "long enough for one frame's 6 s agent future"
 
     def fake_prepare(cfg):
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -464,3 +466,7 @@ def test_default_cache_without_map_expansion_is_rebuilt(tmp_path, monkeypatch):
     (prepared / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION - 1}))
     default.ensure_default_data(tmp_path, show_progress=False)
     assert calls[4:] == ["prepare"]
+
+    (dataroot / ".complete").write_text("ok\n")  # what a raydrive with 10-frame scenes wrote
+    default.ensure_default_data(tmp_path, show_progress=False)
+    assert calls[5:] == ["synth", "prepare"]
