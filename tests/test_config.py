@@ -63,3 +63,33 @@ def test_public_api():
     assert "sparse4d" in raydrive.list_models()
     model = raydrive.build_model("sparse4d", preset="small", num_anchor=64, num_temp_instances=32)
     assert model.head.instance_bank.anchor.shape == (64, 11)
+
+
+def test_stages_start_where_asked_and_load_from_feeds_the_first_one(tmp_path):
+    from raydrive.launch.train import DONE_FILE, _stage_checkpoint, resolve_stages
+
+    def stages(*argv):
+        return resolve_stages(build_parser().parse_intermixed_args(["sparsedrive", "--name", "sd", *argv]))
+
+    both = stages("--load-from", "/w/stage1.pth")
+    assert [(c.preset, c.run.name, c.run.load_from) for c in both] == [
+        ("small_stage1", "sd-small_stage1", "/w/stage1.pth"),
+        ("small_stage2", "sd-small_stage2", "stage:small_stage1"),  # not the stage-1 weights again
+    ]
+    (second,) = stages("--stage", "2", "--load-from", "/w/stage1.pth")
+    assert (second.preset, second.run.name, second.run.load_from) == (
+        "small_stage2",
+        "sd-small_stage2",
+        "/w/stage1.pth",
+    )
+    with pytest.raises(ConfigError, match=r"--stage 3: .* stages 1-2"):
+        stages("--stage", "3")
+
+    (second,) = stages("--stage", "2")  # from stage 1's final checkpoint of the same run
+    with pytest.raises(ConfigError, match="stage small_stage1 has not finished in this run"):
+        _stage_checkpoint(second, tmp_path, "small_stage1")
+    final = tmp_path / "sd-small_stage1" / "checkpoint_x"
+    final.parent.mkdir()
+    (final.parent / DONE_FILE).write_text(f'{{"checkpoint": "{final}"}}')
+    with pytest.raises(ConfigError, match="incomplete"):  # the folder is not a complete checkpoint
+        _stage_checkpoint(second, tmp_path, "small_stage1")

@@ -39,6 +39,16 @@ def test_both_small_stages_run_in_order(prepared, synth_root, tmp_path):
     assert {"mAP", "NDS", "amota", "map_mAP", "L2_avg", "collision_avg"} <= set(metrics), sorted(metrics)
     assert "L2 1s" in out and "map mAP" in out
 
+    # stage 2 alone from a given stage-1 run folder (its newest complete checkpoint), as from upstream's .pth
+    argv[argv.index("sd")] = "sd-again"
+    argv += ["--stage", "2", "--load-from", str(stage1)]
+    proc = subprocess.run([sys.executable, "-m", "raydrive.train", *argv], capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "sparsedrive (small_stage1)" not in out and not (tmp_path / "sd-again-small_stage1").exists()
+    cfg2 = yaml.safe_load((tmp_path / "sd-again-small_stage2" / "raydrive_config.yaml").read_text())
+    assert cfg2["run"]["load_from"] == str(first)
+
 
 @pytest.mark.slow
 def test_killed_in_stage_two_resumes_in_stage_two(prepared, synth_root, tmp_path):

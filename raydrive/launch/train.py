@@ -75,7 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark", action="store_true", help="run a fixed number of steps and print the performance table"
     )
     p.add_argument("--seed", type=int)
-    p.add_argument("--load-from", help="weights to start from: an upstream .pth or a raydrive checkpoint")
+    p.add_argument(
+        "--load-from",
+        help="weights to start from: an upstream .pth, a raydrive checkpoint or a run folder (its newest complete "
+        "checkpoint); for a staged preset, the first stage that runs starts from them",
+    )
+    p.add_argument(
+        "--stage",
+        type=int,
+        default=1,
+        help="start a staged preset at this stage (1-based), e.g. `sparsedrive --stage 2 --load-from CKPT`; "
+        "without --load-from, from the earlier stage's final checkpoint under the same --name",
+    )
     p.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -157,11 +168,17 @@ def resolve_stages(args) -> list[TrainConfig]:
     spec = get_spec(args.model)
     preset = chosen_preset(args)
     stages = spec.stage_presets(preset)
+    if not 1 <= args.stage <= len(stages):
+        raise ConfigError(
+            f"--stage {args.stage}: preset {preset!r} of {args.model} has stages 1-{len(stages)} {stages}"
+        )
     base = args.name or default_name(args.model, preset, args.benchmark)
     cfgs = []
-    for stage in stages:
+    for stage in stages[args.stage - 1 :]:
         cfg = resolve_config(args, stage)
         cfg.run = dataclasses.replace(cfg.run, name=base if len(stages) == 1 else f"{base}-{stage}")
+        if cfgs:  # --load-from is where the first stage that runs starts; later ones follow their preset
+            cfg.run = dataclasses.replace(cfg.run, load_from=spec.config(stage).run.load_from)
         cfgs.append(cfg)
     return cfgs
 
@@ -204,9 +221,14 @@ def check_load_from(cfg: TrainConfig) -> None:
     if not given or given.startswith("stage:"):
         return
     folder = Path(given) if Path(given).is_dir() else None
+    if folder is not None and not (folder / ckpt.MODEL_FILE).is_file():
+        folder = _newest_in_run_folder(folder)
+        cfg.run = dataclasses.replace(cfg.run, load_from=str(folder))
     path = folder / ckpt.MODEL_FILE if folder else Path(given)
     if not path.is_file():
-        raise ConfigError(f"--load-from {given}: no such checkpoint file; give an upstream .pth or a checkpoint folder")
+        raise ConfigError(
+            f"--load-from {given}: no such checkpoint file; give an upstream .pth, a checkpoint folder or a run folder"
+        )
     if folder is not None and (folder / ckpt.META_FILE).is_file():
         try:
             ckpt.verify(folder)
@@ -218,6 +240,20 @@ def check_load_from(cfg: TrainConfig) -> None:
     if not cfg.run.trust_checkpoint:
         checkpoint_globals(path)
     check_load_from_fits(cfg, path)
+
+
+def _newest_in_run_folder(folder: Path) -> Path:
+    """A run folder given to --load-from: its newest complete checkpoint (said on the console)."""
+    from raydrive.launch.resume import newest_complete
+
+    found = newest_complete(folder, report=lambda m: print(f"[raydrive] {m}", file=sys.stderr, flush=True))
+    if found is None:
+        raise ConfigError(
+            f"--load-from {folder}: no checkpoint in it; give an upstream .pth, a checkpoint folder or a run folder "
+            f"that holds a complete checkpoint"
+        )
+    print(f"[raydrive] --load-from {folder}: its newest complete checkpoint, {found.name}", flush=True)
+    return found
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -431,7 +467,7 @@ def run_stages(cfgs: list[TrainConfig], env: dict[str, str] | None = None, verbo
             continue
         load_from = cfg.run.load_from or ""
         if load_from.startswith("stage:"):
-            cfg.run = dataclasses.replace(cfg.run, load_from=_stage_checkpoint(cfgs, storage, load_from[6:]))
+            cfg.run = dataclasses.replace(cfg.run, load_from=_stage_checkpoint(cfg, storage, load_from[6:]))
         result = run(cfg, env, verbose)
         results.append((cfg, result))
         if not finished(result):
@@ -441,13 +477,14 @@ def run_stages(cfgs: list[TrainConfig], env: dict[str, str] | None = None, verbo
     return results
 
 
-def _stage_checkpoint(cfgs: list[TrainConfig], storage: Path, stage: str) -> str:
-    named = [c for c in cfgs if c.preset == stage]
-    done = storage / named[0].run.name / DONE_FILE if named else None
-    if done is None or not done.is_file():
+def _stage_checkpoint(cfg: TrainConfig, storage: Path, stage: str) -> str:
+    """The final checkpoint of the earlier `stage` of `cfg`'s run (named `<base>-<stage preset>`)."""
+    suffix = f"-{cfg.preset}"
+    done = storage / f"{cfg.run.name.removesuffix(suffix)}-{stage}" / DONE_FILE
+    if not cfg.run.name.endswith(suffix) or not done.is_file():
         raise ConfigError(
-            f"run.load_from=stage:{stage}: stage {stage} has not finished in this run; run the staged preset, "
-            f"or give --load-from CHECKPOINT"
+            f"run.load_from=stage:{stage}: stage {stage} has not finished in this run; run the staged preset "
+            f"(with the same --name and --storage-path), or give --load-from CHECKPOINT"
         )
     path = json.loads(done.read_text())["checkpoint"]
     from raydrive.engine import checkpoint as ckpt
