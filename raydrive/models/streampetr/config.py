@@ -43,6 +43,10 @@ class StreamPETRConfig:
     decoder_with_cp: bool = True
     num_dn_groups: int = 10  # 0: no denoising queries
     decode_top_k: int = 300
+    # metres: each query's cross-attention only sees image tokens whose camera ray passes this close to its
+    # reference point (plus the token's spread), a geometric prior in place of the learned position
+    # coupling. None: every token (upstream)
+    cross_attn_radius: float | None = None
     with_2d_head: bool = True  # the auxiliary FocalHead (img_roi_head); training only, as upstream
 
     def __post_init__(self):

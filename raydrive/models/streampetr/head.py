@@ -234,6 +234,7 @@ class StreamPETRHead(nn.Module):
         ffn_dims: int = 2048,
         dropout: float = 0.1,
         with_cp: bool = False,
+        cross_attn_radius: float | None = None,
         transformer: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -263,6 +264,7 @@ class StreamPETRHead(nn.Module):
         self.cls_cost_weight = cls_cost_weight
         self.reg_cost_weight = reg_cost_weight
         self.num_layers = num_layers
+        self.cross_attn_radius = cross_attn_radius  # None upstream; see StreamPETRConfig
         self.post_center_range = tuple(post_center_range) if post_center_range is not None else None
 
         if transformer is None:
@@ -508,6 +510,43 @@ class StreamPETRHead(nn.Module):
         cone = torch.cat([focal, points[..., -3:], points[..., mid * 3 : mid * 3 + 3]], dim=-1)
         return pos_embed, cone
 
+    def _token_rays(
+        self, batch: dict[str, Any], shape: tuple[int, int, int, int], topk_indexes: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image token's camera ray in the lidar frame: origins (B, L, 3) and unit directions (B, L, 3),
+        from its pixel centre lifted at depths 1 and 2 through inv(lidar2img)."""
+        B, N, h, w = shape
+        device, dtype = self.coords_d.device, self.coords_d.dtype
+        pad_hw = batch.get("pad_hw")
+        pad = (float(h * self.stride), float(w * self.stride)) if pad_hw is None else tuple(map(float, pad_hw[0]))
+        centres = self._pixel_centres(h, w, pad, device).repeat(N, 1)
+        cams = torch.arange(N, device=device).repeat_interleave(h * w)
+        centres = gather_tokens(centres.expand(B, -1, -1), topk_indexes)
+        cams = gather_tokens(cams.expand(B, -1), topk_indexes)
+        img2lidar = batch["lidar2img"].to(device=device, dtype=dtype).inverse()
+        img2lidar = torch.gather(img2lidar, 1, cams.view(B, -1, 1, 1).expand(-1, -1, 4, 4))
+        ends = []
+        for depth in (1.0, 2.0):
+            coords = torch.cat(
+                [centres * depth, torch.full_like(centres[..., :1], depth), torch.ones_like(centres[..., :1])], -1
+            )
+            ends.append(torch.einsum("blij,blj->bli", img2lidar, coords)[..., :3])
+        return ends[0], nn.functional.normalize(ends[1] - ends[0], dim=-1)
+
+    def _cross_attn_mask(self, refs: torch.Tensor, rays: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, 1, Q, L) bool, True = blocked: a query may only look at tokens whose ray passes within
+        `cross_attn_radius` metres (+ one 16-px token's spread, ~0.06 m per metre along the ray) of its
+        reference point; its 4 nearest rays always stay open, so no row is fully masked."""
+        origin, direction = rays
+        lo, hi = self.pc_range[:3], self.pc_range[3:]
+        centre = refs.detach().float() * (hi - lo) + lo  # (B, Q, 3) metres
+        rel = centre.unsqueeze(2) - origin.unsqueeze(1)  # (B, Q, L, 3)
+        along = (rel * direction.unsqueeze(1)).sum(-1)
+        dist = (rel - along.clamp(min=0).unsqueeze(-1) * direction.unsqueeze(1)).norm(dim=-1)
+        limit = self.cross_attn_radius + 0.06 * along.clamp(min=0)
+        kth = dist.topk(min(4, dist.shape[-1]), dim=-1, largest=False).values[..., -1:]
+        return ((dist > limit) & (dist > kth)).unsqueeze(1)
+
     def _query_pos(self, refs: torch.Tensor) -> torch.Tensor:
         return self.query_embedding(pos2posemb3d(refs, self.embed_dims // 2))
 
@@ -633,7 +672,10 @@ class StreamPETRHead(nn.Module):
         tgt = torch.zeros_like(query_pos)
         tgt, query_pos, refs, temp_memory, temp_pos = self._temporal_alignment(query_pos, tgt, refs)
 
-        outs_dec = self.transformer(tgt, memory, query_pos, pos_embed, temp_memory, temp_pos, attn_mask)
+        cross_mask = None
+        if self.cross_attn_radius is not None:
+            cross_mask = self._cross_attn_mask(refs, self._token_rays(batch, (B, N, h, w), topk_indexes))
+        outs_dec = self.transformer(tgt, memory, query_pos, pos_embed, temp_memory, temp_pos, attn_mask, cross_mask)
         outs_dec = torch.nan_to_num(outs_dec)
 
         ref_logits = inverse_sigmoid(refs)

@@ -59,6 +59,7 @@ def _head(cfg: StreamPETRConfig) -> StreamPETRHead:
         ffn_dims=cfg.ffn_dims,
         dropout=cfg.dropout,
         with_cp=cfg.decoder_with_cp,
+        cross_attn_radius=cfg.cross_attn_radius,
     )
 
 

@@ -171,15 +171,18 @@ class PETRTemporalDecoderLayer(nn.Module):
         temp_memory: torch.Tensor | None = None,
         temp_pos: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        cross_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Shapes as PETRTemporalTransformer.forward; returns (B, Q, C)."""
-        args = (query, key, query_pos, key_pos, temp_memory, temp_pos, attn_mask)
+        args = (query, key, query_pos, key_pos, temp_memory, temp_pos, attn_mask, cross_attn_mask)
         if self.with_cp and self.training:
             # recomputed in backward; dropout masks are replayed (RNG state preserved)
             return cp.checkpoint(self._forward, *args, use_reentrant=False)
         return self._forward(*args)
 
-    def _forward(self, query, key, query_pos, key_pos, temp_memory, temp_pos, attn_mask) -> torch.Tensor:
+    def _forward(
+        self, query, key, query_pos, key_pos, temp_memory, temp_pos, attn_mask, cross_attn_mask=None
+    ) -> torch.Tensor:
         if temp_memory is not None:
             self_key = torch.cat([query, temp_memory], dim=1)
             self_pos = torch.cat([query_pos, temp_pos], dim=1)
@@ -189,7 +192,7 @@ class PETRTemporalDecoderLayer(nn.Module):
             query, self_key, self_key, query_pos=query_pos, key_pos=self_pos, attn_mask=attn_mask
         )
         query = self.norms[0](query)
-        query = self.attentions[1](query, key, key, query_pos=query_pos, key_pos=key_pos)
+        query = self.attentions[1](query, key, key, query_pos=query_pos, key_pos=key_pos, attn_mask=cross_attn_mask)
         query = self.norms[1](query)
         query = self.ffns[0](query)
         return self.norms[2](query)
@@ -213,10 +216,12 @@ class PETRTransformerDecoder(nn.Module):
         )
         self.post_norm = nn.LayerNorm(embed_dims)
 
-    def forward(self, query, key, query_pos, key_pos, temp_memory=None, temp_pos=None, attn_mask=None) -> torch.Tensor:
+    def forward(
+        self, query, key, query_pos, key_pos, temp_memory=None, temp_pos=None, attn_mask=None, cross_attn_mask=None
+    ) -> torch.Tensor:
         outputs = []
         for layer in self.layers:
-            query = layer(query, key, query_pos, key_pos, temp_memory, temp_pos, attn_mask)
+            query = layer(query, key, query_pos, key_pos, temp_memory, temp_pos, attn_mask, cross_attn_mask)
             outputs.append(self.post_norm(query))
         return torch.stack(outputs)
 
@@ -259,14 +264,16 @@ class PETRTemporalTransformer(nn.Module):
         temp_memory: torch.Tensor | None = None,
         temp_pos: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        cross_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query (B, Q, C) (None = zeros, as upstream's tgt); key (B, N*h*w, C), also the value; query_pos
         (B, Q, C); key_pos (B, N*h*w, C); temp_memory / temp_pos (B, M, C), extra self-attention keys and
-        values after the queries; attn_mask bool (Q, Q+M), True = masked, self-attention only.
+        values after the queries; attn_mask bool (Q, Q+M), True = masked, self-attention only;
+        cross_attn_mask bool (B, 1, Q, N*h*w), True = masked, cross-attention only (None upstream).
         Returns (num_layers, B, Q, C)."""
         if query is None:
             query = torch.zeros_like(query_pos)
-        return self.decoder(query, key, query_pos, key_pos, temp_memory, temp_pos, attn_mask)
+        return self.decoder(query, key, query_pos, key_pos, temp_memory, temp_pos, attn_mask, cross_attn_mask)
 
 
 # the name the StreamPETR contract uses for this module
