@@ -8,9 +8,7 @@ from conftest import TINY
 from raydrive.launch.train import build_parser, resolve_config, run
 
 MODELS = sorted(TINY)
-# StreamPETR's small preset trains end to end (the data-parallel test) but shows no detection mAP yet
-# within the embedded default's 10-minute budget (issue 9 stays open for it)
-LEARNS_ON_EMBEDDED = [m for m in MODELS if m != "streampetr"]
+LEARNS_ON_EMBEDDED = MODELS
 
 
 def _train(prepared, synth_root, storage, name, *extra, model="sparse4d"):
