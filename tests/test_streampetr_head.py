@@ -339,3 +339,23 @@ def test_sine_embeddings_follow_upstream_order():
     # [sin(x), cos(x), sin(2x), cos(2x), ...]: the second frequency's sin and cos come at 4:8
     assert enc.shape == (1, 24)
     assert torch.allclose(enc[0, 4:8], torch.cat([torch.tensor([1.0, 2.0]).sin(), torch.tensor([1.0, 2.0]).cos()]))
+
+
+def test_cross_attention_mask_opens_only_the_tokens_whose_rays_pass_near_the_query():
+    """The small preset's geometric prior (cross_attn_radius): a query 20 m in front of camera 0 sees
+    the tokens around that camera's principal point and nothing of camera 1 (looking backwards); a query
+    near no ray keeps its 4 nearest tokens, so no attention row is empty."""
+    head = small_head(cross_attn_radius=5.0)
+    batch = make_batch(1, torch.eye(4, dtype=torch.float64), 0.0)
+    lo, hi = head.pc_range[:3], head.pc_range[3:]
+    points = torch.tensor([[[20.0, 0.0, 0.0], [0.0, 0.0, 9.0]]])
+    refs = (points - lo) / (hi - lo)
+    blocked = head._cross_attn_mask(refs, head._token_rays(batch, (1, N_CAM, H, W), None))
+    assert blocked.shape == (1, 1, 2, N_CAM * H * W)
+    front = (~blocked[0, 0, 0]).view(N_CAM, H, W)
+    assert not front[1].any(), "camera 1 looks away from the query"
+    assert front[0, 1:3, 2:4].all(), "the 2 x 2 tokens around the principal point (8 px off: ~4.2 m at 20 m)"
+    assert not front[0, :, [0, 5]].any(), "40 px off the principal point: ~12 m from the query"
+    assert int((~blocked[0, 0, 1]).sum()) == 4
+    out = head.train()(feats(1), batch)
+    assert torch.isfinite(out["all_cls_scores"]).all() and torch.isfinite(out["all_bbox_preds"]).all()
