@@ -69,7 +69,8 @@ def small() -> TrainConfig:
         model_name="streampetr",
         preset="small",
         run=RunSection(
-            global_batch=4, batch_size=2, epochs=20, checkpoint_every=100, log_every=10, evaluate_before=True
+            # 30 epochs = 600 steps: val mAP 0 -> 0.034 in 7 min 20 s on 2 cores (20 epochs: 0.008 in 5 min 30 s)
+            global_batch=4, batch_size=2, epochs=30, checkpoint_every=100, log_every=10, evaluate_before=True
         ),
         data=DataSection(seq_split_num=2),
         optim=OptimSection(**{**UPSTREAM_OPTIM, "lr": 2e-3, "warmup_iters": 30, "lr_mults": {}}),
