@@ -64,12 +64,12 @@ def r50() -> TrainConfig:
 def small() -> TrainConfig:
     """The embedded default: a ResNet-18-like trunk of width 16 trained from scratch (BN not frozen),
     64-d queries, 3 decoder layers, a short memory, cross-attention limited to the image tokens whose
-    rays pass near each query's reference point; the r50 preset's data pipeline at 128x352."""
+    rays pass near each query's reference point; the r50 preset's data pipeline at 128x352. 30 epochs =
+    600 steps: val mAP 0 -> 0.034 in 7 min 20 s on 2 cores (20 epochs: 0.008 in 5 min 30 s)."""
     return TrainConfig(
         model_name="streampetr",
         preset="small",
         run=RunSection(
-            # 30 epochs = 600 steps: val mAP 0 -> 0.034 in 7 min 20 s on 2 cores (20 epochs: 0.008 in 5 min 30 s)
             global_batch=4, batch_size=2, epochs=30, checkpoint_every=100, log_every=10, evaluate_before=True
         ),
         data=DataSection(seq_split_num=2),
