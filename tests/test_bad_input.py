@@ -256,7 +256,7 @@ def _(e: Env) -> Setup:
     return train_case("--load-from", str(d))(e)
 
 
-@row("load_empty_folder", "late errors", 2, "no checkpoint in it", "a run folder that holds a complete checkpoint")
+@row("load_empty_folder", "late errors", 2, "--load-from", "holds no complete raydrive checkpoint", "run folder")
 def _(e: Env) -> Setup:
     (e.tmp / "empty_run").mkdir()
     return train_case("--load-from", str(e.tmp / "empty_run"))(e)

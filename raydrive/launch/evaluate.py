@@ -14,20 +14,20 @@ import torch
 from raydrive.config import ConfigError, TrainConfig
 
 
-def find_checkpoint(path: str | Path) -> Path:
+def find_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Path:
     """A complete checkpoint folder, or a run folder's newest complete checkpoint (broken ones, such as a
-    copy cut short by a full disk, are reported on stderr and skipped)."""
+    copy cut short by a full disk, are reported on stderr and skipped); errors name `flag`."""
     from raydrive.engine import checkpoint as ckpt
     from raydrive.launch.resume import newest_complete
 
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"--checkpoint {path}: no such folder; pass a checkpoint_* folder or a run folder")
+        raise ConfigError(f"{flag} {path}: no such folder; pass a checkpoint_* folder or a run folder")
     if not (path / ckpt.META_FILE).is_file() and not (path / ckpt.COMPLETE_FILE).is_file():
         found = newest_complete(path, report=lambda m: print(f"[raydrive] {m}", file=sys.stderr, flush=True))
         if found is None:
             raise ConfigError(
-                f"{path} holds no complete raydrive checkpoint; pass a checkpoint_* folder or the run folder "
+                f"{flag} {path} holds no complete raydrive checkpoint; pass a checkpoint_* folder or the run folder "
                 f"<storage-path>/<name> of a run that wrote one"
             )
         return found
@@ -35,7 +35,7 @@ def find_checkpoint(path: str | Path) -> Path:
         ckpt.verify(path)
     except ckpt.BrokenCheckpoint as e:
         raise ConfigError(
-            f"--checkpoint {path} is incomplete ({e}); pass its run folder to use its newest complete checkpoint"
+            f"{flag} {path} is incomplete ({e}); pass its run folder to use its newest complete checkpoint"
         ) from None
     return path
 

@@ -221,8 +221,11 @@ def check_load_from(cfg: TrainConfig) -> None:
     if not given or given.startswith("stage:"):
         return
     folder = Path(given) if Path(given).is_dir() else None
-    if folder is not None and not (folder / ckpt.MODEL_FILE).is_file():
-        folder = _newest_in_run_folder(folder)
+    if folder is not None and not (folder / ckpt.MODEL_FILE).is_file():  # a run folder: its newest complete one
+        from raydrive.launch.evaluate import find_checkpoint
+
+        folder = find_checkpoint(folder, flag="--load-from")
+        print(f"[raydrive] --load-from {given}: its newest complete checkpoint, {folder.name}", flush=True)
         cfg.run = dataclasses.replace(cfg.run, load_from=str(folder))
     path = folder / ckpt.MODEL_FILE if folder else Path(given)
     if not path.is_file():
@@ -240,20 +243,6 @@ def check_load_from(cfg: TrainConfig) -> None:
     if not cfg.run.trust_checkpoint:
         checkpoint_globals(path)
     check_load_from_fits(cfg, path)
-
-
-def _newest_in_run_folder(folder: Path) -> Path:
-    """A run folder given to --load-from: its newest complete checkpoint (said on the console)."""
-    from raydrive.launch.resume import newest_complete
-
-    found = newest_complete(folder, report=lambda m: print(f"[raydrive] {m}", file=sys.stderr, flush=True))
-    if found is None:
-        raise ConfigError(
-            f"--load-from {folder}: no checkpoint in it; give an upstream .pth, a checkpoint folder or a run folder "
-            f"that holds a complete checkpoint"
-        )
-    print(f"[raydrive] --load-from {folder}: its newest complete checkpoint, {found.name}", flush=True)
-    return found
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
